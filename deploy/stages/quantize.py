@@ -1,0 +1,157 @@
+"""Post-training int8 quantization to QDQ ONNX with onnxruntime's quantization tool, made for a target.
+
+ort-cpu:  uint8 activations (asymmetric), int8 per-channel symmetric weights: the U8S8 form that
+          ORT's x86 kernels run fast.
+tensorrt: int8 activations with zero-point 0, int8 per-channel symmetric weights on the output-channel
+          axis: what TensorRT's explicit quantization accepts (it also runs on ORT CPU, slowly).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..console import track, warn
+from ..errors import DeployError
+from ..recipe import QuantizeConfig
+
+CALIB_BATCH = 8
+
+
+@contextmanager
+def _quiet_ort():
+    """quantize_static prints calibration chatter to stdout and logs advice on the root logger
+    ("consider pre-processing"). We skip that pre-processing on purpose: it splits HardSwish into
+    HardSigmoid+Mul. Our own progress bar replaces the chatter."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _reader(inputs: np.ndarray, input_name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        """Feeds calibration batches; ORT reads it in strides (set_range) so that histogram
+        calibration never holds every activation of every image in memory at once."""
+
+        def __init__(self):
+            self.batches = [inputs[i : i + CALIB_BATCH] for i in range(0, len(inputs), CALIB_BATCH)]
+            self._stream = iter(track(self.batches, "Calibrating", total=len(self.batches)))
+            self._left = len(self.batches)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._left = end_index - start_index
+
+        def get_next(self):
+            if self._left <= 0:
+                return None
+            self._left -= 1
+            batch = next(self._stream, None)
+            return None if batch is None else {input_name: batch}
+
+    return Reader()
+
+
+def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig, method: str) -> str:
+    """Calibration ranges depend on the model, the preprocessed images and the calibration settings."""
+    h = hashlib.sha256(fp32.read_bytes())
+    h.update(np.ascontiguousarray(calib).tobytes())
+    h.update(json.dumps({"method": method, "percentile": cfg.calibration.percentile}).encode())
+    return h.hexdigest()[:16]
+
+
+def excluded_nodes(model: onnx.ModelProto, patterns: list[str]) -> list[str]:
+    names = [n.name for n in model.graph.node]
+    out = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise DeployError(f"quantize.exclude pattern {unmatched[0]!r} matches no node of the model")
+    return out
+
+
+def quantize(
+    fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfig, cache_dir: Path, previous_cache: Path | None
+) -> dict:
+    """Write the int8 QDQ model of `fp32` to `out`; returns what the report needs to know."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+
+    model = onnx.load(str(fp32))
+    cache = cache_dir / f"ranges-{cache_key(fp32, calib, cfg, cfg.calibration.method)}.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    reused = previous_cache is not None and (previous_cache / cache.name).is_file()
+    if reused:
+        shutil.copy2(previous_cache / cache.name, cache)
+    symmetric_activations = cfg.target == "tensorrt"
+    excluded = excluded_nodes(model, cfg.exclude)
+    def run(method):
+        with _quiet_ort():
+            quantize_static(
+                str(fp32),
+                str(out),
+                calibration_data_reader=None if reused else _reader(calib, model.graph.input[0].name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=cfg.per_channel,
+                reduce_range=cfg.reduce_range,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=excluded,
+                calibration_cache_path=str(cache),
+                extra_options={
+                    "ActivationSymmetric": symmetric_activations,
+                    "WeightSymmetric": True,
+                    "CalibStridedMinMax": 1,  # one reader batch per collection step (see Reader)
+                    "CalibPercentile": cfg.calibration.percentile,
+                },
+            )
+
+    method_used = cfg.calibration.method
+    try:
+        run(methods[method_used])
+    except ValueError as err:
+        # ORT's histogram collector calls np.histogram(bins=2048) on each tensor, which fails on
+        # a (nearly) constant one: fall back to min/max ranges rather than give up.
+        if "bins" not in str(err) or method_used == "minmax":
+            raise
+        warn(f"{method_used} calibration failed on a near-constant tensor ({err}); using minmax")
+        method_used = "minmax"
+        cache = cache_dir / f"ranges-{cache_key(fp32, calib, cfg, method_used)}.json"
+        run(methods[method_used])
+    qmodel = onnx.load(str(out))
+    ops = Counter(n.op_type for n in qmodel.graph.node)
+    return {
+        "target": cfg.target,
+        "activations": "int8 symmetric (zero-point 0)" if symmetric_activations else "uint8 asymmetric",
+        "weights": f"int{7 if cfg.reduce_range else 8} symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
+        "calibration": {**cfg.calibration.model_dump(), "method_used": method_used, "images": len(calib),
+                        "cache": cache.name, "cache_reused": reused},
+        "excluded_nodes": excluded,
+        "quantize_linear": ops["QuantizeLinear"],
+        "dequantize_linear": ops["DequantizeLinear"],
+        "op_types": dict(sorted(ops.items())),
+    }

@@ -1,0 +1,67 @@
+"""Shared fixtures. Real images come from $DEPLOY_DATA (CI: ../shared/data); tests needing them skip without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from deploy import recipe as recipes
+
+DATA_ENV = "DEPLOY_DATA"
+
+
+def data_root() -> Path:
+    root = os.environ.get(DATA_ENV)
+    if not root or not Path(root, "imagenet-sample").is_dir():
+        pytest.skip(f"real images not available: set {DATA_ENV} to the shared data folder (holding imagenet-sample/)")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    return data_root() / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def skimage_photos() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture
+def small_val(tmp_path: Path, skimage_photos: Path) -> Path:
+    """A labeled folder of real photos for a 3-class model: class folders a, b, c."""
+    root = tmp_path / "val"
+    for cls, files in {"a": ["astronaut.png", "chelsea.png"], "b": ["coffee.png", "rocket.jpg"], "c": ["retina.jpg"]}.items():
+        (root / cls).mkdir(parents=True)
+        for f in files:
+            shutil.copy(skimage_photos / f, root / cls / f)
+    return root
+
+
+@pytest.fixture
+def small_recipe(tmp_path: Path) -> recipes.Recipe:
+    """mobilenet_v3_small with a 3-class head, random weights saved as a checkpoint, 64x64 inputs."""
+    torch.manual_seed(0)
+    base = recipes.load("mobilenet_v3_small")
+    recipe = recipes.override(base, {
+        "model.num_classes": 3,
+        "preprocess.resize": 72,
+        "preprocess.input_size": 64,
+        "quantize.calibration.samples": 16,
+        "verify.heldout": 8,
+        "verify.latency.runs": 5,
+        "verify.latency.warmup": 1,
+        "verify.latency.batch": 4,
+    })  # fmt: skip
+    from deploy import models
+
+    model = models.architecture(recipe.model)
+    ckpt = tmp_path / "w.pth"
+    torch.save({"epoch": 3, "state_dict": model.state_dict()}, ckpt)
+    return recipes.override(recipe, {"model.weights": str(ckpt)})
