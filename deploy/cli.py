@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -15,9 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("list", help="supported models and their recipes")
+    sub.add_parser("list", help="supported models and their recipes").set_defaults(func=_list)
 
     b = sub.add_parser("build", help="fold BN, export ONNX, quantize, verify and report")
+    b.set_defaults(func=_build)
     b.add_argument("model", help="a model name from `deploy list`, or a recipe YAML file")
     b.add_argument("--int8", action="store_true", help="post-training int8 quantization (QDQ)")
     b.add_argument("--target", choices=["ort-cpu", "tensorrt"], help="runtime the int8 model is made for")
@@ -32,7 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, help="runtime threads for evaluation and latency (default: all cores)")
     b.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return p
+
+
+# Modules that add subcommands: each has add_parser(subparsers), which sets `func` to its runner.
+# Keep their top-level imports light: every `deploy` invocation imports them.
+COMMAND_MODULES: list[str] = []
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -59,7 +68,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list() -> int:
+def _list(args: argparse.Namespace) -> int:
     from . import recipe as recipes
 
     rows = []
@@ -77,9 +86,7 @@ def _list() -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "list":
-            return _list()
-        return _build(args)
+        return args.func(args)
     except ThresholdMissed as err:
         print(f"build failed: {err}", file=sys.stderr)
         return 1
