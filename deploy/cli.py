@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, help="calibration sampling seed")
     b.add_argument("--max-top1-drop", type=float, help="fail the build if int8 loses more top-1 points")
     b.add_argument("--threads", type=int, help="runtime threads for evaluation and latency (default: all cores)")
+    b.add_argument("--runtime", choices=["ort", "tensorrt", "ort-trt"], help="also verify on TensorRT (engine) or ORT's TensorRT EP")
+    b.add_argument("--prune", type=float, metavar="RATIO", help="structured pruning: remove this fraction of MACs")
+    b.add_argument("--distill", action="store_true", help="knowledge-distillation fine-tuning (needs --train)")
+    b.add_argument("--train", type=Path, help="training images for --distill (class folders, or unlabeled)")
     b.add_argument("--out", type=Path, help="output folder (default: build/<model>)")
     b.add_argument("--force", action="store_true", help="replace an existing output folder")
     for module in COMMAND_MODULES:
@@ -41,7 +45,15 @@ def _parser() -> argparse.ArgumentParser:
 
 # Modules that add subcommands: each has add_parser(subparsers), which sets `func` to its runner.
 # Keep their top-level imports light: every `deploy` invocation imports them.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "deploy.train_cli",
+    "deploy.profile",
+    "deploy.explore",
+    "deploy.compare",
+    "deploy.view",
+    "deploy.trt_cli",
+    "deploy.serve_cli",
+]
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -59,9 +71,13 @@ def _build(args: argparse.Namespace) -> int:
         "model.num_classes": args.num_classes,
         "verify.max_top1_drop": args.max_top1_drop,
         "verify.latency.threads": args.threads,
+        "prune.enabled": True if args.prune is not None else None,
+        "prune.ratio": args.prune,
+        "distill.enabled": True if args.distill else None,
+        "verify.runtime": args.runtime,
     }  # fmt: skip
     recipe = recipes.override(recipe, {k: v for k, v in overrides.items() if v is not None})
-    report = build(recipe, BuildOptions(calib=args.calib, val=args.val, out=args.out, force=args.force))
+    report = build(recipe, BuildOptions(calib=args.calib, val=args.val, out=args.out, force=args.force, train=args.train))
     acc = report["accuracy"]
     if "top1_drop" in acc:
         print(f"{recipe.model.name}: fp32 {acc['fp32']['top1']:.2f}% -> int8 {acc['int8']['top1']:.2f}% top-1")

@@ -147,7 +147,7 @@ def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: i
     With no `root`, use the built-in set of public-domain photos (see calibration/builtin.yaml).
     """
     if root is None:
-        return _builtin(pre, heldout > 0)
+        return _builtin(pre, samples, seed, heldout > 0)
     paths = list_images(root, "calibration")
     order = np.random.default_rng(seed).permutation(len(paths))
     n_hold = min(heldout, max(len(paths) - samples, len(paths) // 5))
@@ -186,8 +186,9 @@ def _views(img: Image.Image) -> list[Image.Image]:
     return views + [ImageOps.mirror(v) for v in views]
 
 
-def _builtin(pre: Preprocessor, with_heldout: bool) -> CalibrationData:
-    """Calibrate on photos that scikit-image ships (public domain / CC0), twelve views each."""
+def _builtin(pre: Preprocessor, samples: int, seed: int, with_heldout: bool) -> CalibrationData:
+    """Calibrate on photos that scikit-image ships (public domain / CC0), twelve views each;
+    `samples` of the views are drawn with `seed` when there are more."""
     manifest = builtin_manifest()
     import skimage
 
@@ -202,10 +203,13 @@ def _builtin(pre: Preprocessor, with_heldout: bool) -> CalibrationData:
         with Image.open(path) as img:
             views = [pre(v) for v in _views(img.convert("RGB"))]
         sets["heldout" if entry.get("heldout") else "calib"].extend(views)
-    calib = ImageSet(np.stack(sets["calib"]), None, [e["file"] for e in manifest["images"] if not e.get("heldout")])
+    views = np.stack(sets["calib"])
+    if samples < len(views):
+        views = views[np.sort(np.random.default_rng(seed).choice(len(views), samples, replace=False))]
+    calib = ImageSet(views, None, [e["file"] for e in manifest["images"] if not e.get("heldout")])
     held = None
     if with_heldout:
         held = ImageSet(np.stack(sets["heldout"]), None, [e["file"] for e in manifest["images"] if e.get("heldout")])
-    summary = {"source": f"built-in: {manifest['description']}", "builtin": True, "used": len(calib),
+    summary = {"source": f"built-in: {manifest['description']}", "builtin": True, "seed": seed, "used": len(calib),
                "files": manifest["images"], "heldout": len(held) if held else 0}  # fmt: skip
     return CalibrationData(calib, held, summary)

@@ -13,13 +13,23 @@ from .console import interactive
 from .errors import DeployError
 from .recipe import ModelSpec
 
+RANDOM_WEIGHTS = "random"  # `--weights random`: randomly initialized, for cost and deployment checks
+
 
 def build(spec: ModelSpec) -> nn.Module:
     """The model of `spec` in eval mode, with weights from `spec.weights` or the pretrained source."""
+    if spec.weights == RANDOM_WEIGHTS:  # explicit opt-in: cost and deployment checks need no trained weights
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return architecture(spec).eval()
     model = architecture(spec)
     if spec.weights:
         state = load_checkpoint(Path(spec.weights))
         origin = spec.weights
+        if widths := recorded_widths(Path(spec.weights)):  # a pruned checkpoint: resize the layers first
+            from .stages.prune import apply_widths
+
+            apply_widths(model, widths)
     elif spec.num_classes != 1000:
         raise DeployError(
             f"{spec.name} with {spec.num_classes} classes has no pretrained weights; pass --weights PATH"
@@ -31,6 +41,12 @@ def build(spec: ModelSpec) -> nn.Module:
 
 
 def architecture(spec: ModelSpec) -> nn.Module:
+    if spec.source == "deploy":
+        from .mobilenet_v1 import MobileNetV1
+
+        if spec.builder != "mobilenet_v1":
+            raise DeployError(f"no architecture '{spec.builder}' of our own (source: deploy has mobilenet_v1)")
+        return MobileNetV1(num_classes=spec.num_classes, width=spec.width)
     if spec.source == "torchvision":
         import torchvision
 
@@ -44,7 +60,10 @@ def _pretrained(spec: ModelSpec) -> dict[str, torch.Tensor]:
     if spec.builder in _OFFLINE_WEIGHTS:
         return _OFFLINE_WEIGHTS[spec.builder]()
     if spec.source != "torchvision":
-        raise DeployError(f"no offline pretrained weights for timm model {spec.builder}; pass --weights PATH")
+        raise DeployError(
+            f"no offline pretrained weights for {spec.source} model {spec.builder}; "
+            f"pass --weights PATH, or --weights {RANDOM_WEIGHTS} for random ones"
+        )
     import torchvision
 
     weights = torchvision.models.get_model_weights(spec.builder).DEFAULT
@@ -75,6 +94,12 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DeployError(f"{path} holds no state_dict (a mapping of parameter names to tensors)")
     return {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in obj.items()}
+
+
+def recorded_widths(path: Path) -> dict | None:
+    """The layer widths a pruned checkpoint records (`deploy_widths`), or None."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj.get("deploy_widths") if isinstance(obj, dict) else None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str, spec: ModelSpec) -> None:

@@ -20,7 +20,7 @@ from .console import info, warn
 from .errors import DeployError, ThresholdMissed
 from .recipe import Recipe
 from .runtimes.ort import OrtCpu, exact_int8_kernels
-from .stages import export_onnx, fold_bn, quantize, verify
+from .stages import export_onnx, fold_bn, quantize, verify, verify_trt
 
 BUILTIN_CALIBRATION_WARNING = (
     "calibrated on the built-in sample photos (no --calib given): fine for trying the tool, "
@@ -34,6 +34,7 @@ class BuildOptions:
     val: Path | None = None
     out: Path | None = None
     force: bool = False
+    train: Path | None = None  # images for the distill stage (labeled class folders, or unlabeled)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Build:
     model: nn.Module | None = None
     fp32_onnx: Path | None = None
     int8_onnx: Path | None = None
+    engine: Path | None = None
     calibration: data.CalibrationData | None = None
     validation: data.ImageSet | None = None
     report: dict = field(default_factory=dict)
@@ -67,6 +69,7 @@ def default_out(recipe: Recipe) -> Path:
 def build(recipe: Recipe, opts: BuildOptions) -> dict:
     """Run every stage of `recipe`; return report.json's content. Raises ThresholdMissed after writing
     the complete output when a recipe threshold is missed."""
+    verify_trt.preflight(recipe)
     out = (opts.out or default_out(recipe)).resolve()
     if out.exists() and not opts.force:
         raise DeployError(f"output directory {out} exists; pass --force to replace it")
@@ -116,6 +119,8 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
     with b.stage("load") as s:
         b.model = models.build(r.model)
         s["notes"] = f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.2f}M parameters"
+        if r.model.weights == models.RANDOM_WEIGHTS:
+            _warn(b, "random weights (--weights random): size and latency are real, accuracy figures are not")
 
     with b.stage("data") as s:
         heldout = 0 if opts.val else r.verify.heldout
@@ -134,6 +139,8 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
             _warn(b, BUILTIN_CALIBRATION_WARNING)
 
     probe = torch.from_numpy(b.calibration.calib.inputs[:8])
+    if r.prune.enabled or r.distill.enabled:  # before fold_bn: BN-scale importance and training need BatchNorm
+        _prune_and_distill(b, opts)
     if r.fold_bn.enabled:
         with b.stage("fold_bn") as s:
             folded, names = fold_bn.fold_batchnorm(b.model)
@@ -167,19 +174,29 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
             )
             reused = b.report["quantize"]["calibration"]["cache_reused"]
             s["notes"] = f"{q.target}, {q.calibration.method}" + (", cached ranges reused" if reused else "")
+            if q.target == "tensorrt":
+                for w in verify_trt.check_qdq(b):
+                    _warn(b, w)
+
+    if r.verify.runtime == "tensorrt":
+        with b.stage("build_trt") as s:
+            s["notes"] = verify_trt.build_engine(b)
 
     with b.stage("verify") as s:
         _verify(b, threads)
+        if r.verify.runtime != "ort":
+            images = b.validation or b.calibration.heldout
+            b.report["runtime"] = verify_trt.verify_runtime(b, images, b.validation.labels if b.validation else None)
         s["notes"] = _verify_summary(b.report)
 
     b.report["size_bytes"] = {
         "fp32": b.fp32_onnx.stat().st_size,
         **({"int8": b.int8_onnx.stat().st_size} if b.int8_onnx else {}),
     }
+    if "stages_summary" in b.report:
+        _summary_after_verify(b)
     b.report["passed"] = not b.report["failures"]
-    b.report["files"] = sorted(p.name for p in b.workdir.iterdir()) + ["report.json", "report.md"]
     report.write(b.report, b.workdir)
-    b.report["files"] = sorted(p.name for p in b.workdir.iterdir())
 
 
 def _verify(b: Build, threads: int | None) -> None:
@@ -256,3 +273,63 @@ def _verify_summary(r: dict) -> str:
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2) + "\n"
+
+
+def _prune_and_distill(b: Build, opts: BuildOptions) -> None:
+    """The prune and distill stages, with params, MACs, ORT latency (and accuracy with --val) after each."""
+    from .stages import distill, prune
+    from .train import image_folder, train_transform
+
+    r = b.recipe
+    b.report["stages_summary"] = [_summary(b, "original")]
+    original = b.model
+    if r.prune.enabled:
+        with b.stage("prune") as s:
+            b.model, b.report["prune"] = prune.prune(b.model, r.prune, r.preprocess.input_size,
+                                                     b.calibration.calib.inputs)  # fmt: skip
+            torch.save(prune.pruned_checkpoint(b.model), b.workdir / "model.pruned.pth")
+            p = b.report["prune"]
+            s["notes"] = (f"MACs {p['before']['macs'] / 1e6:.1f}M -> {p['after']['macs'] / 1e6:.1f}M, "
+                          f"params {p['before']['params'] / 1e6:.2f}M -> {p['after']['params'] / 1e6:.2f}M")  # fmt: skip
+        b.report["stages_summary"].append(_summary(b, "prune"))
+    if r.distill.enabled:
+        if opts.train is None:
+            raise DeployError("the distill stage needs training images: pass --train DIR")
+        with b.stage("distill") as s:
+            teacher = distill.teacher_model(r.distill, original, r.model.num_classes)
+            images = image_folder(opts.train, train_transform(r.preprocess, r.distill.augment), None, "training")
+            history = distill.distill(b.model, teacher, images, r.distill, r.train)
+            b.report["distill"] = {"images": len(images), "history": history,
+                                   "teacher": r.distill.teacher or "the model before pruning"}  # fmt: skip
+            torch.save(prune.pruned_checkpoint(b.model), b.workdir / "model.distilled.pth")
+            s["notes"] = f"{len(history)} epochs on {len(images)} images, final loss {history[-1]['loss']:.4f}"
+        b.report["stages_summary"].append(_summary(b, "distill"))
+
+
+def _summary(b: Build, name: str) -> dict:
+    """Params and MACs of the current PyTorch model, and its batch-1 p50 (and top-1 with --val) on ORT."""
+    from . import macs
+
+    r, lat = b.recipe, b.recipe.verify.latency
+    path = b.workdir / f".{name}.onnx"
+    export_onnx.export(b.model, path, r.export.model_copy(update={"simplify": False}), r.preprocess.input_size)
+    rt = OrtCpu(path, lat.threads)
+    shape = (3, r.preprocess.input_size, r.preprocess.input_size)
+    entry = {"stage": name, **macs.count(b.model, r.preprocess.input_size),
+             "p50_ms": rt.benchmark(shape, lat.batch, lat.warmup, lat.runs).p50_ms}  # fmt: skip
+    if b.validation is not None:
+        logits = verify.logits(rt, b.validation.inputs, r.verify.batch, f"Evaluating after {name}")
+        entry["top1"] = verify.accuracy(logits, b.validation.labels)["top1"]
+    path.unlink()
+    return entry
+
+
+def _summary_after_verify(b: Build) -> None:
+    """The exported fp32 model and the int8 one, from what verify measured."""
+    acc, lat, last = b.report["accuracy"], b.report["latency"], b.report["stages_summary"][-1]
+    for precision in ("fp32", "int8"):
+        if precision in lat:
+            b.report["stages_summary"].append({
+                "stage": f"{precision} onnx", "params": last["params"], "macs": last["macs"],
+                "p50_ms": lat[precision]["p50_ms"], **({"top1": acc[precision]["top1"]} if precision in acc else {}),
+            })  # fmt: skip

@@ -38,8 +38,10 @@ def _cpu_name() -> str:
 
 
 def write(report: dict, out: Path) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    """Write latency.png, report.json and report.md into the build folder `out`."""
     plot = _latency_plot(report, out / "latency.png")
+    report["files"] = sorted({p.name for p in out.iterdir()} | {"report.json", "report.md"})
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(report, plot))
 
 
@@ -129,6 +131,8 @@ def markdown(r: dict, plot: str | None) -> str:
             lines += ["", f"![latency]({plot})"]
         lines.append("")
 
+    lines += _tensorrt_sections(r)
+    lines += _stages_summary(r)
     lines += ["## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s.get('notes', '')} |")
@@ -152,3 +156,34 @@ def markdown(r: dict, plot: str | None) -> str:
               + " · ".join(f"{k} {v}" for k, v in pk.items() if v), "",
               "Files: " + ", ".join(f"`{f}`" for f in r["files"]), ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _tensorrt_sections(r: dict) -> list[str]:
+    """The Q/DQ rule check (tensorrt target) and the results on verify.runtime, when present."""
+    lines = []
+    if r.get("qdq_check"):
+        c = r["qdq_check"]
+        lines += ["## TensorRT Q/DQ rules", "", f"**{'PASSED' if c['passed'] else 'FAILED'}**: {len(c['errors'])} errors "
+                  f"(TensorRT rejects or computes differently), {len(c['warnings'])} warnings (lost fusions).", ""]  # fmt: skip
+        lines += [f"- {kind}: `{v}`" for kind in ("errors", "warnings") for v in c[kind][:20]] + [""]
+    if r.get("runtime"):
+        x = r["runtime"]
+        acc, lat = x["accuracy"], x["latency"]
+        lines += [f"## On {x['runtime']}", "", f"Against ONNX Runtime fp32: {_int8_summary(acc)}.", ""]
+        if "int8" in acc:
+            lines += [f"Top-1 {acc['int8']['top1']:.2f}% (fp32 on ORT {acc['fp32']['top1']:.2f}%).", ""]
+        lines += [f"Batch-1 p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
+                  f"over {lat['runs']} runs; {lat['throughput_ips']:.1f} img/s at batch {lat['batch']}.", ""]  # fmt: skip
+    return lines
+
+
+def _stages_summary(r: dict) -> list[str]:
+    """What each compression stage cost and bought: params, MACs, ORT batch-1 p50, top-1 (with --val)."""
+    rows = r.get("stages_summary")
+    if not rows:
+        return []
+    lines = ["## After each stage", "", "| after | params M | MACs M | p50 ms | top-1 % |", "|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['stage']} | {x['params'] / 1e6:.3f} | {x['macs'] / 1e6:.1f} | {x['p50_ms']:.3f} | "
+                     f"{_fmt(x.get('top1'))} |")  # fmt: skip
+    return lines + ["", "Latency on onnxruntime-cpu (fp32 until the int8 row), batch 1, median.", ""]

@@ -65,3 +65,18 @@ def small_recipe(tmp_path: Path) -> recipes.Recipe:
     ckpt = tmp_path / "w.pth"
     torch.save({"epoch": 3, "state_dict": model.state_dict()}, ckpt)
     return recipes.override(recipe, {"model.weights": str(ckpt)})
+
+
+@pytest.fixture(scope="session")
+def cifar10(tmp_path_factory) -> Path:
+    """CIFAR-10 JPEGs ($DEPLOY_DATA/cifar10-jpeg.tar.gz) extracted once per session: holds train/ and test/."""
+    import tarfile
+
+    root = os.environ.get(DATA_ENV)
+    tarball = Path(root or "", "cifar10-jpeg.tar.gz")
+    if not root or not tarball.is_file():
+        pytest.skip(f"CIFAR-10 not available: set {DATA_ENV} to the shared data folder (holding cifar10-jpeg.tar.gz)")
+    out = tmp_path_factory.mktemp("cifar10")
+    with tarfile.open(tarball) as tar:
+        tar.extractall(out, filter="data")
+    return out

@@ -80,3 +80,5 @@ def test_builtin_set_is_real_photos_with_heldout_views(pre):
     assert d.manifest["builtin"] and len(d.calib) == 12 * sum(not i.get("heldout") for i in images)
     assert len(d.heldout) == 12 * sum(bool(i.get("heldout")) for i in images)
     assert float(d.calib.inputs.std()) > 0.1  # real pictures, not constants
+    few = data.calibration_data(None, pre, 10, 0, heldout=0)
+    assert len(few.calib) == 10 and few.heldout is None

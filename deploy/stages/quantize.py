@@ -71,11 +71,11 @@ def _reader(inputs: np.ndarray, input_name: str):
     return Reader()
 
 
-def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig, method: str) -> str:
+def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig) -> str:
     """Calibration ranges depend on the model, the preprocessed images and the calibration settings."""
     h = hashlib.sha256(fp32.read_bytes())
     h.update(np.ascontiguousarray(calib).tobytes())
-    h.update(json.dumps({"method": method, "percentile": cfg.calibration.percentile}).encode())
+    h.update(json.dumps({"method": cfg.calibration.method, "percentile": cfg.calibration.percentile}).encode())
     return h.hexdigest()[:16]
 
 
@@ -91,7 +91,11 @@ def excluded_nodes(model: onnx.ModelProto, patterns: list[str]) -> list[str]:
 def quantize(
     fp32: Path, out: Path, calib: np.ndarray, cfg: QuantizeConfig, cache_dir: Path, previous_cache: Path | None
 ) -> dict:
-    """Write the int8 QDQ model of `fp32` to `out`; returns what the report needs to know."""
+    """Write the int8 QDQ model of `fp32` to `out`; returns what the report needs to know.
+
+    Calibration ranges are cached as `ranges-<key>-<method used>.json` in `cache_dir`; one found in
+    `previous_cache` (the last build's folder) with the same key is reused instead of calibrating.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {
@@ -99,29 +103,30 @@ def quantize(
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
     }
-
     model = onnx.load(str(fp32))
-    cache = cache_dir / f"ranges-{cache_key(fp32, calib, cfg, cfg.calibration.method)}.json"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    reused = previous_cache is not None and (previous_cache / cache.name).is_file()
-    if reused:
-        shutil.copy2(previous_cache / cache.name, cache)
-    symmetric_activations = cfg.target == "tensorrt"
     excluded = excluded_nodes(model, cfg.exclude)
-    def run(method):
+    symmetric_activations = cfg.target == "tensorrt"
+    key = cache_key(fp32, calib, cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    found = sorted(previous_cache.glob(f"ranges-{key}-*.json")) if previous_cache else []
+    if found:
+        shutil.copy2(found[0], cache_dir / found[0].name)
+    method_used = found[0].stem.rsplit("-", 1)[1] if found else cfg.calibration.method
+
+    def run(method: str) -> None:
         with _quiet_ort():
             quantize_static(
                 str(fp32),
                 str(out),
-                calibration_data_reader=None if reused else _reader(calib, model.graph.input[0].name),
+                calibration_data_reader=None if found else _reader(calib, model.graph.input[0].name),
                 quant_format=QuantFormat.QDQ,
                 per_channel=cfg.per_channel,
                 reduce_range=cfg.reduce_range,
                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
-                calibrate_method=method,
+                calibrate_method=methods[method],
                 nodes_to_exclude=excluded,
-                calibration_cache_path=str(cache),
+                calibration_cache_path=str(cache_dir / f"ranges-{key}-{method}.json"),
                 extra_options={
                     "ActivationSymmetric": symmetric_activations,
                     "WeightSymmetric": True,
@@ -130,9 +135,8 @@ def quantize(
                 },
             )
 
-    method_used = cfg.calibration.method
     try:
-        run(methods[method_used])
+        run(method_used)
     except ValueError as err:
         # ORT's histogram collector calls np.histogram(bins=2048) on each tensor, which fails on
         # a (nearly) constant one: fall back to min/max ranges rather than give up.
@@ -140,8 +144,7 @@ def quantize(
             raise
         warn(f"{method_used} calibration failed on a near-constant tensor ({err}); using minmax")
         method_used = "minmax"
-        cache = cache_dir / f"ranges-{cache_key(fp32, calib, cfg, method_used)}.json"
-        run(methods[method_used])
+        run(method_used)
     qmodel = onnx.load(str(out))
     ops = Counter(n.op_type for n in qmodel.graph.node)
     return {
@@ -149,7 +152,7 @@ def quantize(
         "activations": "int8 symmetric (zero-point 0)" if symmetric_activations else "uint8 asymmetric",
         "weights": f"int{7 if cfg.reduce_range else 8} symmetric " + ("per-channel" if cfg.per_channel else "per-tensor"),
         "calibration": {**cfg.calibration.model_dump(), "method_used": method_used, "images": len(calib),
-                        "cache": cache.name, "cache_reused": reused},
+                        "cache_reused": bool(found)},
         "excluded_nodes": excluded,
         "quantize_linear": ops["QuantizeLinear"],
         "dequantize_linear": ops["DequantizeLinear"],

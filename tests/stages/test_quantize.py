@@ -92,7 +92,7 @@ def test_calibration_ranges_are_cached_and_reused_only_for_the_same_data(fp32_mo
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     other = quantize(path, tmp_path / "c.onnx", calib[:-1], q, tmp_path / "c3", tmp_path / "c1")
     assert not other["calibration"]["cache_reused"]
-    assert other["calibration"]["cache"] != first["calibration"]["cache"]
+    assert {p.name for p in (tmp_path / "c3").iterdir()}.isdisjoint(p.name for p in (tmp_path / "c1").iterdir())
 
 
 def test_exclude_keeps_matching_nodes_in_float_and_rejects_unknown_patterns(fp32_model, tmp_path):
