@@ -34,6 +34,8 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
         yield from items
         return
     from rich.console import Console
-    from rich.progress import track as rich_track
+    from rich.progress import Progress
 
-    yield from rich_track(items, description=description, total=total, console=Console(stderr=True), transient=True)
+    # redirect_stdout=False: libraries' prints we silence on purpose (ORT's calibration) must stay silenced.
+    with Progress(console=Console(stderr=True), transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
+        yield from bar.track(items, total=total, description=description)

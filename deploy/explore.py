@@ -77,6 +77,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
     p.add_argument("--out", type=Path, help="folder for explore.json/.md/.png (default build/explore/<model>)")
+    p.add_argument("--weights", help="checkpoint per width, with {width} in the path (e.g. w{width}.pth): adds "
+                                     "top-1 on --val at every resolution")  # fmt: skip
+    p.add_argument("--val", type=Path, help="labeled validation images (one subfolder per class), with --weights")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     res = [int(r) for r in args.resolution]
     if any(r < 32 or r != f for r, f in zip(res, args.resolution)):
         raise DeployError("--resolution takes whole pixel sizes of at least 32")
-    result = explore(args.model, args.width, res, args.int8, args.runs, args.samples, args.num_classes, args.threads)
+    if bool(args.weights) != bool(args.val):
+        raise DeployError("accuracy needs both --weights (with {width} in the path) and --val")
+    if args.weights and "{width}" not in args.weights:
+        raise DeployError("--weights must contain {width}: each width needs its own trained checkpoint")
+    result = explore(args.model, args.width, res, args.int8, args.runs, args.samples, args.num_classes, args.threads,
+                     args.weights, args.val)  # fmt: skip
     out = args.out or Path("build") / "explore" / args.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "explore.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -97,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def explore(name: str, widths: list[float], resolutions: list[int], int8: bool = True, runs: int = 50,
-            samples: int = 32, num_classes: int = 1000, threads: int | None = None) -> dict:  # fmt: skip
-    """Measure every (width, resolution) variant of `name`."""
+            samples: int = 32, num_classes: int = 1000, threads: int | None = None,
+            weights: str | None = None, val: Path | None = None) -> dict:  # fmt: skip
+    """Measure every (width, resolution) variant of `name`; with `weights` (a path pattern with {width})
+    and `val`, also its fp32 and int8 top-1."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -119,6 +129,11 @@ def explore(name: str, widths: list[float], resolutions: list[int], int8: bool =
                     model = WIDTH_FAMILIES[name](width, num_classes).eval()
                 except Exception as err:  # noqa: BLE001 - builders reject odd widths with various errors
                     raise DeployError(f"cannot build {name} at width {width}: {err}") from None
+            if weights:
+                from . import models
+
+                path = weights.format(width=f"{width:g}")
+                models.load_into(model, models.load_checkpoint(Path(path)), path, r.model)
             folded, _ = fold_bn.fold_batchnorm(model)
             params = sum(p.numel() for p in model.parameters())
             for res in resolutions:
@@ -134,10 +149,13 @@ def explore(name: str, widths: list[float], resolutions: list[int], int8: bool =
                 fp32 = Path(tmp) / f"w{width}_r{res}.fp32.onnx"
                 export_onnx.export(folded, fp32, r.export, res)
                 row["fp32_ms"] = _p50(OrtCpu(fp32, threads), res, runs)
-                if int8:
-                    row["int8_ms"] = _p50(OrtCpu(_int8(fp32, r, res, samples), threads), res, runs)
+                int8_model = _int8(fp32, r, res, samples) if int8 else None
+                if int8_model:
+                    row["int8_ms"] = _p50(OrtCpu(int8_model, threads), res, runs)
+                if weights:
+                    row.update(_top1(fp32, int8_model, r, res, val, num_classes, threads))
                 rows.append(row)
-    return {"model": name, "weights": "random (cost only; no accuracy)", "runs": runs,
+    return {"model": name, "weights": weights or "random (cost only; no accuracy)", "runs": runs,
             "threads": _threads(threads), "variants": rows}  # fmt: skip
 
 
@@ -164,6 +182,20 @@ def _int8(fp32: Path, r, res: int, samples: int) -> Path:
     return out
 
 
+def _top1(fp32: Path, int8: Path | None, r, res: int, val: Path, num_classes: int, threads: int | None) -> dict:
+    """fp32 (and int8) top-1 on `val`, preprocessed at this resolution."""
+    from . import data
+    from .runtimes.ort import OrtCpu
+    from .stages import verify
+
+    pre = data.Preprocessor(r.preprocess.model_copy(update={"input_size": res, "resize": round(res * 256 / 224)}))
+    images = data.labeled_set(val, pre, num_classes)
+    out = {"fp32_top1": verify.accuracy(verify.logits(OrtCpu(fp32, threads), images.inputs, 32, "fp32"), images.labels)["top1"]}
+    if int8:
+        out["int8_top1"] = verify.accuracy(verify.logits(OrtCpu(int8, threads), images.inputs, 32, "int8"), images.labels)["top1"]
+    return out
+
+
 def _cells(v: dict) -> list[str]:
     cells = [f"{v['width']:g}", str(v["resolution"]), f"{v['params'] / 1e6:.2f}M", f"{v['macs'] / 1e6:.1f}M"]
     if "closed_form_macs" in v:
@@ -171,6 +203,7 @@ def _cells(v: dict) -> list[str]:
     cells.append(f"{v['fp32_ms']:.3f}")
     if "int8_ms" in v:
         cells += [f"{v['int8_ms']:.3f}", f"{v['fp32_ms'] / v['int8_ms']:.2f}x"]
+    cells += [f"{v[k]:.2f}" for k in ("fp32_top1", "int8_top1") if k in v]
     return cells
 
 
@@ -178,7 +211,8 @@ def _header(result: dict) -> list[str]:
     v = result["variants"][0]
     return (["width α", "input px", "params", "MACs"]
             + (["closed-form MACs", "deviation"] if "closed_form_macs" in v else [])
-            + ["fp32 p50 ms"] + (["int8 p50 ms", "int8 speed-up"] if "int8_ms" in v else []))  # fmt: skip
+            + ["fp32 p50 ms"] + (["int8 p50 ms", "int8 speed-up"] if "int8_ms" in v else [])
+            + [h for k, h in (("fp32_top1", "fp32 top-1 %"), ("int8_top1", "int8 top-1 %")) if k in v])  # fmt: skip
 
 
 def table(result: dict) -> str:
@@ -186,14 +220,14 @@ def table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    title = f"{result['model']}, random weights, batch-1 p50 on onnxruntime-cpu ({result['threads']} threads)"
+    title = f"{result['model']}, weights: {result['weights']}, batch-1 p50 on onnxruntime-cpu ({result['threads']} threads)"
     return "\n".join([title, *lines])
 
 
 def markdown(result: dict, plot_name: str) -> str:
     head = _header(result)
     lines = [f"# Width x resolution: {result['model']}", "",
-             f"Random weights (cost only). Batch-1 p50 latency over {result['runs']} runs on onnxruntime-cpu, "
+             f"Weights: {result['weights']}. Batch-1 p50 latency over {result['runs']} runs on onnxruntime-cpu, "
              f"{result['threads']} threads; int8 = ort-cpu QDQ (U8S8) calibrated on the built-in photos. "
              "MACs from torch.utils.flop_counter.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip

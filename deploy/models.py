@@ -41,6 +41,8 @@ def build(spec: ModelSpec) -> nn.Module:
 
 
 def architecture(spec: ModelSpec) -> nn.Module:
+    if spec.source == "onnx":
+        raise DeployError(f"{spec.weights} is an ONNX file; this needs a PyTorch model (a registered name or recipe)")
     if spec.source == "deploy":
         from .mobilenet_v1 import MobileNetV1
 

@@ -116,11 +116,12 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
     })  # fmt: skip
     pre = data.Preprocessor(r.preprocess)
 
-    with b.stage("load") as s:
-        b.model = models.build(r.model)
-        s["notes"] = f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.2f}M parameters"
-        if r.model.weights == models.RANDOM_WEIGHTS:
-            _warn(b, "random weights (--weights random): size and latency are real, accuracy figures are not")
+    if r.model.source != "onnx":
+        with b.stage("load") as s:
+            b.model = models.build(r.model)
+            s["notes"] = f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.2f}M parameters"
+            if r.model.weights == models.RANDOM_WEIGHTS:
+                _warn(b, "random weights (--weights random): size and latency are real, accuracy figures are not")
 
     with b.stage("data") as s:
         heldout = 0 if opts.val else r.verify.heldout
@@ -138,32 +139,13 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
         if b.calibration.manifest["builtin"]:
             _warn(b, BUILTIN_CALIBRATION_WARNING)
 
-    probe = torch.from_numpy(b.calibration.calib.inputs[:8])
-    if r.prune.enabled or r.distill.enabled:  # before fold_bn: BN-scale importance and training need BatchNorm
-        _prune_and_distill(b, opts)
-    if r.fold_bn.enabled:
-        with b.stage("fold_bn") as s:
-            folded, names = fold_bn.fold_batchnorm(b.model)
-            diff, rel = fold_bn.max_logit_difference(b.model, folded, probe)
-            b.report["fold_bn"] = {"folded": len(names), "max_abs_logit_diff": diff, "relative": rel}
-            s["notes"] = f"{len(names)} BatchNorm folded, max |logit diff| {diff:.2e}"
-            if rel > r.fold_bn.tolerance:
-                raise DeployError(f"BN folding changed the logits by {rel:.2e} (relative) > {r.fold_bn.tolerance}")
-            b.model = folded
-
-    with b.stage("export_onnx") as s:
-        b.fp32_onnx = b.workdir / "model.fp32.onnx"
-        proto = export_onnx.export(b.model, b.fp32_onnx, r.export, r.preprocess.input_size)
-        with torch.no_grad():
-            ref = b.model(probe).numpy()
-        got = OrtCpu(b.fp32_onnx, threads).infer(probe.numpy())
-        diff = float(np.abs(ref - got).max())
-        rel = diff / max(float(np.abs(ref).max()), 1e-12)
-        b.report["export"] = {"opset": r.export.opset, "exporter": r.export.exporter, "nodes": len(proto.graph.node),
-                              "parity": {"max_abs_logit_diff": diff, "relative": rel, "images": len(probe)}}  # fmt: skip
-        s["notes"] = f"opset {r.export.opset}, {len(proto.graph.node)} nodes, PyTorch vs ORT max |diff| {diff:.2e}"
-        if rel > r.export.tolerance:
-            raise DeployError(f"ONNX Runtime output differs from PyTorch by {rel:.2e} (relative) > {r.export.tolerance}")
+    if r.model.source == "onnx":
+        with b.stage("import_onnx") as s:
+            b.fp32_onnx = b.workdir / "model.fp32.onnx"
+            s["notes"] = export_onnx.import_onnx(Path(r.model.weights), b.fp32_onnx)
+            b.report["export"] = {"source": r.model.weights, "note": s["notes"]}
+    else:
+        _pytorch_stages(b, opts, threads)
 
     if q.enabled:
         with b.stage("quantize") as s:
@@ -197,6 +179,37 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
         _summary_after_verify(b)
     b.report["passed"] = not b.report["failures"]
     report.write(b.report, b.workdir)
+
+
+def _pytorch_stages(b: Build, opts: BuildOptions, threads: int | None) -> None:
+    """prune / distill, fold_bn and export_onnx: the stages that need the PyTorch model."""
+    r = b.recipe
+    probe = torch.from_numpy(b.calibration.calib.inputs[:8])
+    if r.prune.enabled or r.distill.enabled:  # before fold_bn: BN-scale importance and training need BatchNorm
+        _prune_and_distill(b, opts)
+    if r.fold_bn.enabled:
+        with b.stage("fold_bn") as s:
+            folded, names = fold_bn.fold_batchnorm(b.model)
+            diff, rel = fold_bn.max_logit_difference(b.model, folded, probe)
+            b.report["fold_bn"] = {"folded": len(names), "max_abs_logit_diff": diff, "relative": rel}
+            s["notes"] = f"{len(names)} BatchNorm folded, max |logit diff| {diff:.2e}"
+            if rel > r.fold_bn.tolerance:
+                raise DeployError(f"BN folding changed the logits by {rel:.2e} (relative) > {r.fold_bn.tolerance}")
+            b.model = folded
+
+    with b.stage("export_onnx") as s:
+        b.fp32_onnx = b.workdir / "model.fp32.onnx"
+        proto = export_onnx.export(b.model, b.fp32_onnx, r.export, r.preprocess.input_size)
+        with torch.no_grad():
+            ref = b.model(probe).numpy()
+        got = OrtCpu(b.fp32_onnx, threads).infer(probe.numpy())
+        diff = float(np.abs(ref - got).max())
+        rel = diff / max(float(np.abs(ref).max()), 1e-12)
+        b.report["export"] = {"opset": r.export.opset, "exporter": r.export.exporter, "nodes": len(proto.graph.node),
+                              "parity": {"max_abs_logit_diff": diff, "relative": rel, "images": len(probe)}}  # fmt: skip
+        s["notes"] = f"opset {r.export.opset}, {len(proto.graph.node)} nodes, PyTorch vs ORT max |diff| {diff:.2e}"
+        if rel > r.export.tolerance:
+            raise DeployError(f"ONNX Runtime output differs from PyTorch by {rel:.2e} (relative) > {r.export.tolerance}")
 
 
 def _verify(b: Build, threads: int | None) -> None:

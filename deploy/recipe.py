@@ -23,7 +23,8 @@ class ModelSpec(_Strict):
     """Which network to build and where its weights come from."""
 
     name: str
-    source: Literal["torchvision", "timm", "deploy"]  # deploy: our own architectures (deploy/mobilenet_v1.py)
+    # deploy: our own architectures (deploy/mobilenet_v1.py); onnx: an fp32 ONNX file given as `weights`
+    source: Literal["torchvision", "timm", "deploy", "onnx"]
     arch: str | None = None  # builder name in the source library; defaults to `name`
     num_classes: int = Field(1000, gt=0)
     # checkpoint path; None = the source's pretrained ImageNet weights; "random" = random init (cost checks)
@@ -191,6 +192,12 @@ class Recipe(_Strict):
     distill: DistillConfig = DistillConfig()
     tensorrt: TensorRTConfig = TensorRTConfig()
 
+    @model_validator(mode="after")
+    def _onnx_input_has_no_pytorch_stages(self):
+        if self.model.source == "onnx" and (self.prune.enabled or self.distill.enabled):
+            raise ValueError("prune and distill need a PyTorch model, not an ONNX file")
+        return self
+
 
 def recipe_dir() -> Path:
     return Path(str(resources.files("deploy") / "recipes"))
@@ -220,6 +227,8 @@ def load(name_or_path: str) -> Recipe:
     if name_or_path.startswith("timm:"):
         return timm_recipe(name_or_path.removeprefix("timm:"))
     path = Path(name_or_path)
+    if path.suffix == ".onnx":
+        return onnx_recipe(path)
     if path.suffix not in (".yaml", ".yml"):
         path = recipe_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
@@ -253,6 +262,24 @@ def timm_recipe(name: str) -> Recipe:
     preprocess = {"input_size": size, "resize": math.floor(size / cfg.crop_pct), "interpolation": cfg.interpolation,
                   "mean": list(cfg.mean), "std": list(cfg.std)}  # fmt: skip
     return validate({"model": {"name": name, "source": "timm"}, "preprocess": preprocess}, f"timm:{name}")
+
+
+def onnx_recipe(path: Path) -> Recipe:
+    """A recipe for an fp32 ONNX file: ImageNet mean/std, resize = input size / 0.875; the input size and
+    the class count are read from the file when it fixes them (else 224 and 1000)."""
+    import onnx
+
+    if not path.is_file():
+        raise DeployError(f"ONNX file not found: {path}")
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as err:  # noqa: BLE001 - protobuf decode errors
+        raise DeployError(f"{path} is not an ONNX model: {str(err).splitlines()[0][:200]}") from None
+    dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim] if graph.input else []
+    outs = [d.dim_value or None for d in graph.output[0].type.tensor_type.shape.dim] if graph.output else []
+    size = dims[-1] if len(dims) == 4 and dims[-1] else 224
+    model = {"name": path.stem, "source": "onnx", "weights": str(path.resolve()), "num_classes": (outs[-1] if outs else None) or 1000}
+    return validate({"model": model, "preprocess": {"input_size": size, "resize": round(size / 0.875)}}, str(path))
 
 
 def override(recipe: Recipe, updates: dict[str, Any]) -> Recipe:

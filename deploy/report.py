@@ -78,6 +78,11 @@ def _int8_summary(acc: dict) -> str:
     return f"{drop}int8/fp32 top-1 agreement **{acc['agreement']:.2f}%** · logit SQNR **{acc['sqnr_db']:.1f} dB**"
 
 
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", r"\|")
+
+
 def _fmt(value, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -135,7 +140,7 @@ def markdown(r: dict, plot: str | None) -> str:
     lines += _stages_summary(r)
     lines += ["## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
     for s in r["stages"]:
-        lines.append(f"| {s['name']} | {s['seconds']:.1f} | {s.get('notes', '')} |")
+        lines.append(f"| {s['name']} | {s['seconds']:.1f} | {_cell(s.get('notes', ''))} |")
     lines.append("")
 
     if r.get("quantize"):

@@ -34,3 +34,29 @@ def test_other_families_build_at_other_widths():
 def test_a_family_without_width_multiplier_is_a_one_line_error(capsys):
     assert main(["explore", "squeezenet1_1", "--no-int8"]) == 2
     assert "has no width multiplier" in capsys.readouterr().err
+
+
+def test_accuracy_columns_with_per_width_checkpoints(tmp_path, small_val):
+    import torch
+
+    from deploy import data, recipe
+    from deploy.mobilenet_v1 import MobileNetV1
+    from deploy.stages import verify
+
+    torch.manual_seed(1)
+    model = MobileNetV1(num_classes=3, width=0.5).eval()
+    torch.save(model.state_dict(), tmp_path / "w0.5.pth")
+    v = explore("mobilenet_v1", [0.5], [64], runs=2, samples=8, num_classes=3, threads=1,
+                weights=str(tmp_path / "w{width}.pth"), val=small_val)["variants"][0]  # fmt: skip
+    pre = data.Preprocessor(recipe.load("mobilenet_v1").preprocess.model_copy(update={"input_size": 64, "resize": 73}))
+    images = data.labeled_set(small_val, pre, 3)
+    with torch.no_grad():
+        expected = verify.accuracy(model(torch.from_numpy(images.inputs)).numpy(), images.labels)["top1"]
+    assert v["fp32_top1"] == pytest.approx(expected)  # the checkpoint was loaded and evaluated on --val
+    assert 0 <= v["int8_top1"] <= 100
+
+
+def test_accuracy_needs_a_width_pattern(tmp_path, small_val, capsys):
+    args = ["explore", "mobilenet_v1", "--weights", str(tmp_path / "w.pth"), "--val", str(small_val)]
+    assert main(args) == 2
+    assert "--weights must contain {width}" in capsys.readouterr().err

@@ -44,3 +44,19 @@ def export(model: nn.Module, path: Path, cfg: ExportConfig, input_size: int) -> 
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return proto
+
+
+def import_onnx(src: Path, dst: Path) -> str:
+    """Check a user's fp32 ONNX file and copy it to `dst`, for builds that start from ONNX; returns notes."""
+    try:
+        proto = onnx.load(str(src))
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as err:  # noqa: BLE001 - protobuf and checker errors have many types
+        raise DeployError(f"{src} is not a valid ONNX model: {str(err).splitlines()[0][:200]}") from None
+    if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
+        raise DeployError(f"{src}: expected one NCHW image input, found {len(proto.graph.input)} inputs")
+    if proto.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
+        raise DeployError(f"{src}: the batch dimension is fixed; export it with a dynamic batch axis")
+    onnx.save(proto, str(dst))
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    return f"ONNX input (opset {opset}, {len(proto.graph.node)} nodes): load, fold_bn and export skipped"

@@ -1,0 +1,47 @@
+"""`deploy build model.onnx`: start from an fp32 ONNX file, skipping the PyTorch-only stages."""
+
+import json
+
+import onnx
+import pytest
+
+from deploy import models, recipe
+from deploy.cli import main
+from deploy.errors import DeployError
+from deploy.stages.export_onnx import export
+
+
+@pytest.fixture
+def onnx_file(tmp_path, small_recipe):
+    path = tmp_path / "mine.onnx"
+    export(models.build(small_recipe.model), path, small_recipe.export, 64)
+    return path
+
+
+def test_build_from_onnx_quantizes_and_verifies(tmp_path, onnx_file):
+    r = recipe.load(str(onnx_file))
+    assert (r.model.source, r.model.num_classes, r.preprocess.input_size) == ("onnx", 3, 64)
+    out = tmp_path / "out"
+    assert main(["build", str(onnx_file), "--int8", "--samples", "16", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["data", "import_onnx", "quantize", "verify"]
+    assert "skipped" in report["stages"][1]["notes"]
+    assert report["accuracy"]["agreement"] > 0 and report["latency"]["int8"]["p50_ms"] > 0
+    assert onnx.load(str(out / "model.fp32.onnx")).graph.node  # the input, copied after checking
+
+
+def test_fixed_batch_and_invalid_files_are_refused(tmp_path, onnx_file, capsys):
+    proto = onnx.load(str(onnx_file))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    assert main(["build", str(fixed), "--out", str(tmp_path / "a")]) == 2
+    assert "batch dimension is fixed" in capsys.readouterr().err
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    with pytest.raises(DeployError, match="not an ONNX model"):
+        recipe.load(str(junk))
+    with pytest.raises(DeployError, match="prune and distill need a PyTorch model"):
+        recipe.override(recipe.load(str(onnx_file)), {"prune.enabled": True})
+    with pytest.raises(DeployError, match="is an ONNX file"):
+        models.architecture(recipe.load(str(onnx_file)).model)
