@@ -110,8 +110,8 @@ def explore(name: str, widths: list[float], resolutions: list[int], int8: bool =
     """Measure every (width, resolution) variant of `name`; with `weights` (a path pattern with {width})
     and `val`, also its fp32 and int8 top-1."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from . import macs
     from . import recipe as recipes
     from .console import info
     from .runtimes.ort import OrtCpu
@@ -135,12 +135,9 @@ def explore(name: str, widths: list[float], resolutions: list[int], int8: bool =
                 path = weights.format(width=f"{width:g}")
                 models.load_into(model, models.load_checkpoint(Path(path)), path, r.model)
             folded, _ = fold_bn.fold_batchnorm(model)
-            params = sum(p.numel() for p in model.parameters())
             for res in resolutions:
                 info(f"[explore] {name} width {width} at {res}px")
-                with FlopCounterMode(display=False) as fc, torch.no_grad():
-                    model(torch.zeros(1, 3, res, res))
-                row = {"width": width, "resolution": res, "params": params, "macs": fc.get_total_flops() // 2}
+                row = {"width": width, "resolution": res, **macs.count(model, res)}
                 if name == "mobilenet_v1":
                     from .mobilenet_v1 import paper_macs
 
