@@ -1,11 +1,19 @@
-"""Our int8 against onnxruntime's quantize_static, same model, same data, one run.
+"""Our int8 against onnxruntime's quantize_static, same model, same calibration images, one run.
 
-    python benchmarks/int8_vs_peers.py --data ../shared/data [--models efficientnet_lite0,mobilenet_v3_small]
+    python benchmarks/int8_vs_peers.py --data ../shared/data [--cifar DIR] [--models efficientnet_lite0]
+        [--qat-images 10000]
 
-For each model: fp32 on ORT, our int8 for each target, and quantize_static with its defaults
-(per-tensor) and with per_channel=True. Prints top-1 on this CPU's ORT kernels, top-1 with exact Q/DQ
-arithmetic (what VNNI/AMX CPUs and TensorRT compute), agreement with fp32, batch-1 p50, throughput at
-batch 32 and build time. Models without offline weights are measured for latency only (random weights).
+Models: the ImageNet ones of --models (imagenet-sample/calib for calibration, val/ for evaluation; a model
+without offline weights is measured for latency only) and, with --cifar (train/ and test/ of CIFAR-10 JPEGs),
+the committed CIFAR-10 mobilenet_v3_small (256 training images for calibration, the 10,000 test images).
+Variants: fp32; quantize_static with its defaults (per-tensor) and with per_channel=True; ours = `deploy
+build --int8` for each target (its quantize, bias-correction and verify stages as a user runs them; with no
+--val the build holds out verify.heldout of the calibration images for its own check, so it calibrates on
+fewer images than the peers, which get all of them), and with
+--cifar also ours with QAT (`--qat on`, --qat-images training images). Top-1 with exact Q/DQ arithmetic (what
+TensorRT and VNNI/AMX CPUs compute; on this CPU's kernels too when they are not exact), drop, agreement with
+fp32, batch-1 time and batch-32 throughput (all variants of a model in alternating rounds, best of each:
+interleaved_best_ms), build time (the int8 stages, not export or verify).
 """
 
 from __future__ import annotations
@@ -20,11 +28,16 @@ import torch
 
 from deploy import data, models, recipe
 from deploy.errors import DeployError
+from deploy.pipeline import BuildOptions, build
+from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import export_onnx, fold_bn, quantize, verify
+from deploy.stages import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+INT8_STAGES = {"equalize", "quantize", "bias_correction", "qat", "quantize_qat", "mixed_precision"}
 
 
-def _peer(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool) -> None:
+def _peer(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool) -> float:
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -34,82 +47,95 @@ def _peer(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool) -> None:
         def get_next(self):
             return next(self.it, None)
 
+    start = time.perf_counter()
     quantize_static(str(fp32), str(out), Reader(), per_channel=per_channel)
+    return time.perf_counter() - start
 
 
-def bench_model(name: str, root: Path, workdir: Path, threads: int | None) -> list[dict]:
-    r = recipe.load(name)
-    try:
-        model = models.build(r.model)
-        weights = "pretrained"
-    except DeployError:
-        model = models.architecture(r.model).eval()
-        weights = "random (no offline weights): latency only"
-    model, _ = fold_bn.fold_batchnorm(model)
-    fp32 = workdir / f"{name}.fp32.onnx"
-    export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
-    pre = data.Preprocessor(r.preprocess)
-    calib = data.calibration_data(root / "calib", pre, r.quantize.calibration.samples, 0, 0).calib.inputs
-    val = data.labeled_set(root / "val", pre, 1000) if weights == "pretrained" else None
+def _ours(r: recipe.Recipe, opts: BuildOptions, overrides: dict) -> tuple[Path, Path, float]:
+    """(fp32 ONNX, int8 ONNX, seconds of the int8 stages) of a real build."""
+    r = recipe.override(r, {"quantize.enabled": True, "verify.max_top1_drop": None, "verify.latency.runs": 5,
+                            **overrides})  # fmt: skip
+    report = build(r, opts)
+    seconds = sum(s["seconds"] for s in report["stages"] if s["name"] in INT8_STAGES)
+    return opts.out / "model.fp32.onnx", opts.out / "model.int8.onnx", seconds
 
-    variants = {"fp32": (fp32, 0.0)}
+
+def bench_model(label: str, r: recipe.Recipe, calib_dir: Path, val: data.ImageSet | None, work: Path,
+                train: Path | None, qat_images: int) -> list[dict]:  # fmt: skip
+    variants: dict[str, tuple[Path, float]] = {}
     for target in ("ort-cpu", "tensorrt"):
-        out = workdir / f"{name}.ours-{target}.onnx"
-        cfg = recipe.override(r, {"quantize.enabled": True, "quantize.target": target}).quantize
-        start = time.perf_counter()
-        quantize.quantize(fp32, out, calib, cfg, workdir / f"cache-{name}-{target}", None)
-        variants[f"ours {target}"] = (out, time.perf_counter() - start)
-    for label, per_channel in (("quantize_static defaults", False), ("quantize_static per-channel", True)):
-        out = workdir / f"{name}.{label.replace(' ', '_')}.onnx"
-        start = time.perf_counter()
-        _peer(fp32, out, calib, per_channel)
-        variants[label] = (out, time.perf_counter() - start)
+        fp32, int8, seconds = _ours(r, BuildOptions(calib=calib_dir, out=work / target), {"quantize.target": target})
+        variants.setdefault("fp32", (fp32, 0.0))
+        variants[f"ours {target}"] = (int8, seconds)
+        if train is not None:
+            qat = {"quantize.target": target, "quantize.qat.mode": "on", "quantize.qat.images": qat_images}
+            _, int8, seconds = _ours(r, BuildOptions(calib=calib_dir, out=work / f"{target}-qat", train=train), qat)
+            variants[f"ours {target} + QAT"] = (int8, seconds)
+    # the peers calibrate on the same preprocessed images our build drew
+    calib = data.calibration_data(calib_dir, data.Preprocessor(r.preprocess), r.quantize.calibration.samples,
+                                  r.quantize.calibration.seed, 0).calib.inputs  # fmt: skip
+    for name, per_channel in (("quantize_static defaults", False), ("quantize_static per-channel", True)):
+        out = work / f"{name.replace(' ', '_')}.onnx"
+        variants[name] = (out, _peer(variants["fp32"][0], out, calib, per_channel))
 
-    rows, ref = [], None
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
-    for label, (path, seconds) in variants.items():
-        rt = OrtCpu(path, threads)
-        lat = rt.benchmark(shape, batch=32, warmup=20, runs=300)
-        row = {"model": name, "variant": label, "weights": weights, "p50_ms": lat.p50_ms,
-               "throughput_ips": lat.throughput_ips, "build_s": seconds}  # fmt: skip
+    rts = [OrtCpu(path, threads=1) for path, _ in variants.values()]
+    b1 = interleaved_best_ms(rts, shape, batch=1, rounds=20, runs=10)
+    b32 = interleaved_best_ms(rts, shape, batch=32, rounds=5, runs=4)
+    rows, ref = [], None
+    for (name, (path, seconds)), ms1, ms32 in zip(variants.items(), b1, b32):
+        row = {"model": label, "variant": name, "ms": ms1, "ips": 32e3 / ms32, "build_s": seconds}
         if val is not None:
-            got = verify.logits(rt, val.inputs, 32, label)
-            exact = got if label == "fp32" else verify.logits(OrtCpu(path, threads, reference=True), val.inputs, 32, label)
-            ref = got if label == "fp32" else ref
-            row.update(
-                top1=verify.accuracy(got, val.labels)["top1"],
-                top1_exact=verify.accuracy(exact, val.labels)["top1"],
-                agreement_exact=verify.compare(ref, exact, None)["agreement"],
-            )
+            exact = verify.logits(OrtCpu(path, reference=True), val.inputs, 64, name)
+            ref = exact if name == "fp32" else ref
+            agreement = verify.compare(ref, exact, None)["agreement"]
+            row.update(top1=verify.accuracy(exact, val.labels)["top1"], agreement=agreement)
+            if not exact_int8_kernels():
+                kernels = verify.logits(OrtCpu(path), val.inputs, 64, name)
+                row["top1_kernels"] = verify.accuracy(kernels, val.labels)["top1"]
         rows.append(row)
-        print(f"  {name:20s} {label:28s} done", flush=True)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder holding imagenet-sample/")
-    p.add_argument("--models", default="efficientnet_lite0,mobilenet_v3_small")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--cifar", type=Path, help="CIFAR-10 JPEGs (train/, test/): adds the CIFAR-10 mobilenet_v3_small")
+    p.add_argument("--models", default="efficientnet_lite0", help="ImageNet models, comma-separated")
+    p.add_argument("--qat-images", type=int, default=10000, help="training images for the QAT variants")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            rows += bench_model(name, args.data / "imagenet-sample", Path(tmp), args.threads)
+        for name in filter(None, args.models.split(",")):
+            r = recipe.load(name)
+            try:
+                models.build(r.model)
+                val = data.labeled_set(args.data / "imagenet-sample" / "val", data.Preprocessor(r.preprocess), 1000)
+            except DeployError:  # no offline weights: latency only, with random weights
+                r, val = recipe.override(r, {"model.weights": models.RANDOM_WEIGHTS}), None
+            rows += bench_model(name, r, args.data / "imagenet-sample" / "calib", val, Path(tmp) / name, None, 0)
+        if args.cifar:
+            r = recipe.load(str(ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"))
+            r = recipe.override(r, {"model.weights": str(ROOT / "checkpoints" / "mobilenet_v3_small_cifar10.pth")})
+            val = data.labeled_set(args.cifar / "test", data.Preprocessor(r.preprocess), 10)
+            rows += bench_model("mobilenet_v3_small CIFAR-10", r, args.cifar / "train", val, Path(tmp) / "cifar",
+                                args.cifar / "train", args.qat_images)  # fmt: skip
 
-    print(f"\nexact int8 kernels on this CPU (VNNI/AMX): {exact_int8_kernels()}")
-    print("| model | variant | top-1 ORT CPU | top-1 exact Q/DQ | agreement (exact) | p50 ms | vs fp32 | img/s @32 | vs fp32 | build s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    kernels = exact_int8_kernels()
+    print(f"\nexact int8 kernels on this CPU (VNNI/AMX): {kernels}; latency: 1 thread, best of interleaved rounds")
+    head = "| model | variant | top-1 % | drop | agreement % |" + ("" if kernels else " top-1 ORT kernels |")
+    print(head + " batch-1 ms | vs fp32 | img/s @32 | vs fp32 | int8 build s |")
+    print("|" + "---|" * (head.count("|") + 4))
     fp32 = {row["model"]: row for row in rows if row["variant"] == "fp32"}
     for row in rows:
         base = fp32[row["model"]]
-        acc = (
-            f"{row['top1']:.2f} | {row['top1_exact']:.2f} | {row['agreement_exact']:.2f}"
-            if "top1" in row else "n/a | n/a | n/a"
-        )  # fmt: skip
-        print(f"| {row['model']} | {row['variant']} | {acc} | {row['p50_ms']:.2f} | {base['p50_ms'] / row['p50_ms']:.2f}x "
-              f"| {row['throughput_ips']:.0f} | {row['throughput_ips'] / base['throughput_ips']:.2f}x | {row['build_s']:.1f} |")  # fmt: skip
+        acc = (f"{row['top1']:.2f} | {base['top1'] - row['top1']:.2f} | {row['agreement']:.2f} |"
+               if "top1" in row else "n/a | n/a | n/a |")  # fmt: skip
+        acc += "" if kernels else f" {row.get('top1_kernels', float('nan')):.2f} |"
+        print(f"| {row['model']} | {row['variant']} | {acc} {row['ms']:.3f} | {base['ms'] / row['ms']:.2f}x | "
+              f"{row['ips']:.0f} | {row['ips'] / base['ips']:.2f}x | {row['build_s']:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, data, models, report
+from . import __version__, data, int8, models, report
 from .console import info, warn
 from .errors import DeployError, ThresholdMissed
 from .recipe import Recipe
+from .runtimes.base import interleaved_best_ms
 from .runtimes.ort import OrtCpu, exact_int8_kernels
-from .stages import export_onnx, fold_bn, quantize, verify, verify_trt
+from .stages import export_onnx, fold_bn, verify, verify_trt
 
 BUILTIN_CALIBRATION_WARNING = (
     "calibrated on the built-in sample photos (no --calib given): fine for trying the tool, "
@@ -50,6 +51,8 @@ class Build:
     calibration: data.CalibrationData | None = None
     validation: data.ImageSet | None = None
     report: dict = field(default_factory=dict)
+    fp32_logits: np.ndarray | None = None  # on the evaluation images
+    accuracy: dict | None = None  # of the current int8 model (None: not evaluated since it changed)
 
     @contextmanager
     def stage(self, name: str):
@@ -60,6 +63,36 @@ class Build:
         entry["seconds"] = round(time.perf_counter() - start, 3)
         self.report["stages"].append(entry)
         info(f"[{name}] done in {entry['seconds']:.1f}s" + (f": {entry['notes']}" if entry.get("notes") else ""))
+
+    def warn(self, msg: str) -> None:
+        warn(msg)
+        self.report["warnings"].append(msg)
+
+    def evaluate(self, threads: int | None) -> dict:
+        """Accuracy of fp32 (and of the current int8 model) on the --val images, else the held-out ones."""
+        if self.accuracy is not None:
+            return self.accuracy
+        v, target = self.recipe.verify, self.recipe.quantize.target
+        labels = self.validation.labels if self.validation else None
+        images = self.validation or self.calibration.heldout
+        acc: dict = {"dataset": f"{len(images)} {'labeled validation' if self.validation else 'held-out'} images"}
+        if self.fp32_logits is None:
+            self.fp32_logits = verify.logits(OrtCpu(self.fp32_onnx, threads), images.inputs, v.batch, "Evaluating fp32")
+        ref = self.fp32_logits
+        if labels is not None:
+            acc["fp32"] = verify.accuracy(ref, labels)
+        if self.int8_onnx:
+            # TensorRT accumulates int8 products exactly in int32: its accuracy is that of the exact Q/DQ
+            # arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
+            int8 = OrtCpu(self.int8_onnx, threads, reference=target == "tensorrt")
+            got = verify.logits(int8, images.inputs, v.batch, "Evaluating int8")
+            acc.update(verify.compare(ref, got, labels), compared=len(images), int8_evaluated_on=int8.name)
+            if target == "ort-cpu" and not exact_int8_kernels():
+                exact = OrtCpu(self.int8_onnx, threads, reference=True)
+                got = verify.logits(exact, images.inputs, v.batch, "Evaluating int8 (exact)")
+                acc["reference"] = verify.compare(ref, got, labels)
+        self.accuracy = acc
+        return acc
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -121,7 +154,7 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
             b.model = models.build(r.model)
             s["notes"] = f"{sum(p.numel() for p in b.model.parameters()) / 1e6:.2f}M parameters"
             if r.model.weights == models.RANDOM_WEIGHTS:
-                _warn(b, "random weights (--weights random): size and latency are real, accuracy figures are not")
+                b.warn("random weights (--weights random): size and latency are real, accuracy figures are not")
 
     with b.stage("data") as s:
         heldout = 0 if opts.val else r.verify.heldout
@@ -135,9 +168,9 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
             f", {len(b.validation)} validation images" if b.validation else ""
         ) + (f", {skipped} unreadable skipped" if skipped else "")
         if skipped:
-            _warn(b, f"{skipped} unreadable images were skipped (calibration ones are listed in calibration.json)")
+            b.warn(f"{skipped} unreadable images were skipped (calibration ones are listed in calibration.json)")
         if b.calibration.manifest["builtin"]:
-            _warn(b, BUILTIN_CALIBRATION_WARNING)
+            b.warn(BUILTIN_CALIBRATION_WARNING)
 
     if r.model.source == "onnx":
         with b.stage("import_onnx") as s:
@@ -148,17 +181,7 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
         _pytorch_stages(b, opts, threads)
 
     if q.enabled:
-        with b.stage("quantize") as s:
-            b.int8_onnx = b.workdir / "model.int8.onnx"
-            prev_cache = previous / "calibration-cache" if previous else None
-            b.report["quantize"] = quantize.quantize(
-                b.fp32_onnx, b.int8_onnx, b.calibration.calib.inputs, q, b.workdir / "calibration-cache", prev_cache
-            )
-            reused = b.report["quantize"]["calibration"]["cache_reused"]
-            s["notes"] = f"{q.target}, {q.calibration.method}" + (", cached ranges reused" if reused else "")
-            if q.target == "tensorrt":
-                for w in verify_trt.check_qdq(b):
-                    _warn(b, w)
+        int8.build_int8(b, opts, previous, threads)
 
     if r.verify.runtime == "tensorrt":
         with b.stage("build_trt") as s:
@@ -214,27 +237,13 @@ def _pytorch_stages(b: Build, opts: BuildOptions, threads: int | None) -> None:
 
 def _verify(b: Build, threads: int | None) -> None:
     r, v, target = b.recipe, b.recipe.verify, b.recipe.quantize.target
-    labels = b.validation.labels if b.validation else None
-    images = b.validation or b.calibration.heldout
-    acc: dict = {"dataset": f"{len(images)} {'labeled validation' if b.validation else 'held-out'} images"}
-    fp32 = OrtCpu(b.fp32_onnx, threads)
-    ref = verify.logits(fp32, images.inputs, v.batch, "Evaluating fp32")
-    if labels is not None:
-        acc["fp32"] = verify.accuracy(ref, labels)
-    if b.int8_onnx:
-        # TensorRT accumulates int8 products exactly in int32: its accuracy is that of the exact Q/DQ
-        # arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
-        int8 = OrtCpu(b.int8_onnx, threads, reference=target == "tensorrt")
-        got = verify.logits(int8, images.inputs, v.batch, "Evaluating int8")
-        acc.update(verify.compare(ref, got, labels), compared=len(images), int8_evaluated_on=int8.name)
-        if target == "ort-cpu" and not exact_int8_kernels():
-            exact = OrtCpu(b.int8_onnx, threads, reference=True)
-            acc["reference"] = verify.compare(ref, verify.logits(exact, images.inputs, v.batch, "Evaluating int8 (exact)"), labels)
-            _warn(b, _saturation_warning(acc))
-    b.report["accuracy"] = acc
+    b.report["accuracy"] = acc = b.evaluate(threads)
+    if "reference" in acc:
+        b.warn(_saturation_warning(acc))
     b.report["failures"] += verify.missed_thresholds(v, acc)
 
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
+    fp32 = OrtCpu(b.fp32_onnx, threads)
     lat: dict = {"runtime": fp32.name}
     runtimes = [("fp32", fp32)] + ([("int8", OrtCpu(b.int8_onnx, threads))] if b.int8_onnx else [])
     for name, rt in runtimes:
@@ -245,16 +254,38 @@ def _verify(b: Build, threads: int | None) -> None:
         lat["int8_throughput_speedup"] = lat["int8"]["throughput_ips"] / lat["fp32"]["throughput_ips"]
         if target == "tensorrt":
             lat["note"] = "the tensorrt-target model on ORT CPU; TensorRT latency comes from the engine on the GPU"
-        elif lat["int8_speedup"] < 1 or lat["int8_throughput_speedup"] < 1:
-            _warn(b, f"int8 is slower than fp32 on {fp32.name}: {lat['int8_speedup']:.2f}x at batch 1, "
-                     f"{lat['int8_throughput_speedup']:.2f}x throughput; deploy the fp32 model on this runtime")  # fmt: skip
+        if target == "ort-cpu":  # the recommendation's speed figure: both timed in alternating rounds
+            fp32_ms, int8_ms = interleaved_best_ms([fp32, runtimes[1][1]], shape, batch=1)
+            lat["int8_speedup_interleaved"] = fp32_ms / int8_ms
+        b.report["recommended"] = _recommend(target, verify.missed_thresholds(v, acc), lat)
+        if b.report["recommended"]["precision"] == "fp32":
+            b.warn(f"deploy the fp32 model: {b.report['recommended']['reason']}")
+        elif target == "ort-cpu" and lat["int8_throughput_speedup"] < 1:
+            b.warn(f"int8 is faster at batch 1 but slower at batch {v.latency.batch} "
+                   f"({lat['int8_throughput_speedup']:.2f}x throughput) on {fp32.name}")  # fmt: skip
     b.report["latency"] = lat
     b.report["environment"] = {**report.environment(fp32.threads), "exact_int8_kernels": exact_int8_kernels()}
 
 
-def _warn(b: Build, msg: str) -> None:
-    warn(msg)
-    b.report["warnings"].append(msg)
+# int8 counts as slower below this batch-1 speedup: two sessions of one model differ by up to ~1.5% here
+SLOWER = 0.95
+
+
+def _recommend(target: str, missed: list[str], lat: dict) -> dict:
+    """The model to deploy (`deploy run` / `serve` pick it from a build folder): int8 unless it misses an
+    accuracy threshold or, on ORT CPU, runs slower than fp32 at batch 1."""
+    int8 = {"model": "model.int8.onnx", "precision": "int8"}
+    fp32 = {"model": "model.fp32.onnx", "precision": "fp32"}
+    if missed:
+        return {**fp32, "reason": "int8 misses " + "; ".join(missed)}
+    if target == "tensorrt":
+        return {**int8, "reason": "made for TensorRT, which runs it in int8 (ORT CPU runs this form slowly)"}
+    speedup = lat["int8_speedup_interleaved"]
+    if speedup < SLOWER:
+        return {**fp32, "reason": f"int8 is slower than fp32 on {lat['runtime']} at batch 1 ({speedup:.2f}x, "
+                                  "timed in alternating rounds); its accuracy is within the thresholds"}  # fmt: skip
+    return {**int8, "reason": f"within the accuracy thresholds and {speedup:.2f}x the speed of fp32 at batch 1 on "
+                              f"{lat['runtime']} (timed in alternating rounds)"}  # fmt: skip
 
 
 def _saturation_warning(acc: dict) -> str:

@@ -20,13 +20,16 @@ class Prediction:
 
 
 def _pick_model(folder: Path) -> Path:
-    """An engine when TensorRT can run here, else the int8 ONNX, else the fp32 one."""
+    """An engine when TensorRT can run here, else the ONNX model the build recommends (report.json: int8 unless it
+    missed a threshold or ran slower than fp32), else the int8 ONNX, else the fp32 one."""
     from .runtimes.tensorrt import unavailable
 
     engines = sorted(folder.glob("model.*.engine"))
     if engines and unavailable() is None:
         return engines[0]
-    for name in ("model.int8.onnx", "model.fp32.onnx"):
+    report = folder / "report.json"
+    recommended = json.loads(report.read_text()).get("recommended", {}).get("model") if report.is_file() else None
+    for name in ([recommended] if recommended else []) + ["model.int8.onnx", "model.fp32.onnx"]:
         if (folder / name).is_file():
             return folder / name
     raise DeployError(f"{folder} holds no model.*.onnx or model.*.engine: pass a `deploy build` output folder")

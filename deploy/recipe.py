@@ -63,10 +63,44 @@ class ExportConfig(_Strict):
 class CalibrationConfig(_Strict):
     # percentile measured best on EfficientNet-Lite0 over both targets (mean top-1 agreement with fp32
     # 96.2% vs 95.8% for minmax, highest logit SQNR); see the README's calibration table.
-    method: Literal["minmax", "percentile", "entropy"] = "percentile"
+    # mse: per tensor, the range minimizing the int8 error over its histogram (deploy/stages/mse_calibration.py)
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
     percentile: float = Field(99.999, gt=90, le=100)
     samples: int = Field(256, gt=0)
     seed: int = 0
+
+
+class QATConfig(_Strict):
+    """Quantization-aware training (deploy/stages/qat.py): fine-tuning with fake quantization for the target and
+    the distillation loss toward the fp32 model; the int8 model is then quantized from the fine-tuned weights."""
+
+    # auto: only when post-training quantization misses a verify threshold and --train images are given
+    mode: Literal["auto", "on", "off"] = "auto"
+    epochs: int = Field(1, gt=0)  # measured with 1 epoch of 10,000 images (see lr)
+    # start of a cosine schedule; the optimizer and augmentation are train's. lr 0.02 and temperature 4 measured
+    # better than 0.001 and 1 (CIFAR-10 mobilenet_v3_small, tensorrt, 1 epoch: top-1 drop 0.80 -> -0.15 vs 0.20)
+    lr: float = Field(0.02, gt=0)
+    batch_size: int = Field(64, gt=0)
+    images: int | None = Field(10000, gt=0)  # training images drawn per run (with train.seed); None = all
+    alpha: float = Field(1.0, ge=0, le=1)  # KD weight, as distill.alpha: 1 = match the fp32 model only
+    temperature: float = Field(4.0, gt=0)
+
+
+class MixedPrecisionConfig(_Strict):
+    """Keep the layers int8 hurts most in float until the verify thresholds are met (deploy/mixed_precision.py):
+    layers ranked by the logit SQNR each gains kept alone in float, then added one at a time."""
+
+    enabled: bool = False
+    max_float_layers: int = Field(10, gt=0)  # give up (fail the build) when this many in float still miss
+    images: int = Field(64, gt=0)  # evaluation images for the ranking: one quantize and one pass per layer
+
+
+class EqualizeConfig(_Strict):
+    """Cross-layer equalization of the fp32 graph before calibration (deploy/stages/equalize.py)."""
+
+    enabled: bool = False
+    pairs: Literal["depthwise", "all"] = "depthwise"  # depthwise -> pointwise (Nagel et al.), or every conv pair
+    relu6: Literal["skip", "exact"] = "skip"  # exact: ReLU6 becomes Relu + a per-channel Min (kept in float)
 
 
 class QuantizeConfig(_Strict):
@@ -80,6 +114,25 @@ class QuantizeConfig(_Strict):
     reduce_range: bool = False
     calibration: CalibrationConfig = CalibrationConfig()
     exclude: list[str] = []  # node-name globs kept in float
+    # Q/DQ placement (deploy/stages/qdq_placement.py; figures: benchmarks/int8_speed_mobilenet_v3.py).
+    # ort-cpu: h-swish and the squeeze-excite h-sigmoid run on ORT's int8 kernels instead of as float
+    # islands between DQ and Q (mobilenet_v3_small 224px batch 1, 1 thread: 0.75x -> 0.89x of fp32)
+    int8_hard_activations: bool = True
+    # ort-cpu: the nodes before the first pointwise conv (stem, first depthwise block) stay in float;
+    # None = where that measured faster, when they leave through one tensor (mobilenet_v3_small 0.89x ->
+    # 1.14x; also v2, Lite0, MNASNet; not v3_large's or ShuffleNetV2's stems)
+    float_stem: bool | None = None
+    # tensorrt: Q/DQ only on the inputs of Conv, Gemm and Add, none between a Conv and its activation
+    # (TensorRT fuses them); False = onnxruntime's default, a Q/DQ pair on every tensor
+    conv_inputs_only: bool = True
+    equalize: EqualizeConfig = EqualizeConfig()
+    # correct each quantized Conv/Gemm's output mean shift, measured on calibration images (stages/bias_correction.py).
+    # On: top-1 agreement with fp32 96.4 -> 98.5% (ort-cpu) and 96.3 -> 97.6% (tensorrt) on EfficientNet-Lite0,
+    # +0.1 / +0.2 points and +0.5 dB on CIFAR-10 mobilenet_v3_small; 1-15 s (see the README)
+    bias_correction: bool = True
+    sensitivity_images: int = Field(16, ge=0)  # per-layer SQNR section of the report on this many images; 0 = off
+    qat: QATConfig = QATConfig()  # the fallback when post-training quantization misses the thresholds
+    mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()  # the other fallback: float layers, no training
 
     @model_validator(mode="after")
     def _reduce_range_for_cpu_only(self):
@@ -163,6 +216,12 @@ class PruneConfig(_Strict):
     round_to: int = Field(8, gt=0)  # kept channel counts are multiples of this (SIMD / tensor cores)
     protect_stem: bool = True  # the first conv; the classifier head is always protected
     protect: list[str] = []  # module-name globs never pruned
+    # ratio: ratio/by/scope above. latency: NetAdapt-style steps on Torch-Pruning's groups, each the one that
+    # costs least accuracy (KL to the unpruned model) per ms saved on ORT CPU (deploy/stages/prune_latency.py)
+    mode: Literal["ratio", "latency"] = "ratio"
+    # mode latency: target batch-1 latency (ORT CPU, 1 thread) as a fraction of the unpruned model's, measured
+    latency_budget: float = Field(0.7, gt=0, lt=1)
+    latency_step: float = Field(0.25, gt=0, lt=1)  # mode latency: fraction of a group's channels one step removes
 
 
 class DistillConfig(_Strict):
@@ -194,8 +253,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _onnx_input_has_no_pytorch_stages(self):
-        if self.model.source == "onnx" and (self.prune.enabled or self.distill.enabled):
-            raise ValueError("prune and distill need a PyTorch model, not an ONNX file")
+        if self.model.source == "onnx" and (self.prune.enabled or self.distill.enabled or self.quantize.qat.mode == "on"):
+            raise ValueError("prune, distill and qat need a PyTorch model, not an ONNX file")
         return self
 
 

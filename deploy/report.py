@@ -40,6 +40,8 @@ def _cpu_name() -> str:
 def write(report: dict, out: Path) -> None:
     """Write latency.png, report.json and report.md into the build folder `out`."""
     plot = _latency_plot(report, out / "latency.png")
+    if report.get("sensitivity"):  # deploy/sensitivity.py's figures, when the build computed them
+        report["sensitivity"]["plot"] = sensitivity_plot(report["sensitivity"], out / "sensitivity.png", report["model"])
     report["files"] = sorted({p.name for p in out.iterdir()} | {"report.json", "report.md"})
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(report, plot))
@@ -97,6 +99,9 @@ def markdown(r: dict, plot: str | None) -> str:
         lines.append(f"> **Warning:** {w}")
     if r["failures"] or r["warnings"]:
         lines.append("")
+    if r.get("recommended"):
+        rec = r["recommended"]
+        lines += [f"**Deploy `{rec['model']}`** ({rec['precision']}): {rec['reason']}.", ""]
 
     acc = r.get("accuracy") or {}
     if acc:
@@ -137,7 +142,9 @@ def markdown(r: dict, plot: str | None) -> str:
         lines.append("")
 
     lines += _tensorrt_sections(r)
+    lines += _int8_steps(r)
     lines += _stages_summary(r)
+    lines += sensitivity_markdown(r["sensitivity"]) if r.get("sensitivity") else []
     lines += ["## Stages", "", "| stage | seconds | notes |", "|---|---|---|"]
     for s in r["stages"]:
         lines.append(f"| {s['name']} | {s['seconds']:.1f} | {_cell(s.get('notes', ''))} |")
@@ -182,6 +189,37 @@ def _tensorrt_sections(r: dict) -> list[str]:
     return lines
 
 
+def _int8_steps(r: dict) -> list[str]:
+    """What graph preparation and the fallbacks did (deploy/int8.py), when the build ran them."""
+    lines = []
+    if eq := r.get("equalize"):
+        spread = eq["range_spread"]["conv1_out"]
+        lines.append(f"- Cross-layer equalization: {eq['pairs']} conv pairs ({', '.join(f'{k} {v}' for k, v in eq['kinds'].items())}); "
+                     f"per-channel weight range spread (max/median, geometric mean) {_fmt(spread['before'], '.1f')} -> "
+                     f"{_fmt(spread['after'], '.1f')}; fp32 logits changed by {eq['max_abs_logit_diff']:.1e}.")  # fmt: skip
+    if bc := r.get("bias_correction"):
+        lines.append(f"- Bias correction: {bc['layers']} layers on {bc['images']} calibration images"
+                     + (f", median RMS shift removed {bc['rms_shift']['median']:.2e}." if bc["rms_shift"] else "."))  # fmt: skip
+    if qat := r.get("qat"):
+        lines.append(f"- QAT ({qat['reason']}): {len(qat['history'])} epochs; post-training int8 "
+                     f"{figures(qat['ptq'])} -> after QAT {figures(qat['int8'])}.")  # fmt: skip
+    if mp := r.get("mixed_precision"):
+        if mp.get("error"):
+            lines.append(f"- Mixed precision failed: {_cell(mp['error'])}.")
+        else:
+            lines.append(f"- Mixed precision: {len(mp['float_layers'])} layers kept in float "
+                         f"({', '.join(f'`{n}`' for n in mp['float_layers']) or 'none needed'})"
+                         + (f", {mp['latency']['slowdown']:.2f}x the all-int8 batch-1 time." if mp.get("latency") else "."))  # fmt: skip
+    return ["## Int8 preparation and fallbacks", "", *lines, ""] if lines else []
+
+
+def figures(f: dict) -> str:
+    """One line of int8-vs-fp32 figures: drop (with labels), agreement, logit SQNR."""
+    drop = f"top-1 drop {f['top1_drop']:.2f}, " if "top1_drop" in f else ""
+    sqnr = "exact" if f.get("sqnr_db") is None else f"{f['sqnr_db']:.1f} dB"
+    return f"{drop}agreement {f['agreement']:.1f}%, logit SQNR {sqnr}"
+
+
 def _stages_summary(r: dict) -> list[str]:
     """What each compression stage cost and bought: params, MACs, ORT batch-1 p50, top-1 (with --val)."""
     rows = r.get("stages_summary")
@@ -191,4 +229,85 @@ def _stages_summary(r: dict) -> list[str]:
     for x in rows:
         lines.append(f"| {x['stage']} | {x['params'] / 1e6:.3f} | {x['macs'] / 1e6:.1f} | {x['p50_ms']:.3f} | "
                      f"{_fmt(x.get('top1'))} |")  # fmt: skip
-    return lines + ["", "Latency on onnxruntime-cpu (fp32 until the int8 row), batch 1, median.", ""]
+    lines += ["", "Latency on onnxruntime-cpu (fp32 until the int8 row), batch 1, median.", ""]
+    return lines + _latency_pruning(r.get("prune") or {})
+
+
+def _latency_pruning(p: dict) -> list[str]:
+    """The steps of latency-aware pruning (stages/prune_latency.py): the widths it chose, in order."""
+    if p.get("mode") != "latency":
+        return []
+    lines = ["## Latency-aware pruning", "",
+             f"Budget {p['latency_budget']:.2f} of the unpruned latency: {p['latency_before_ms']:.3f} -> "
+             f"{p['latency_after_ms']:.3f} ms ({p['latency_ratio']:.3f}) in {len(p['steps'])} steps, "
+             f"{p['seconds']:.0f} s ({p['latency_measured']}). Each step pruned the group with the least "
+             f"{p['proxy']} per ms saved.", "",
+             "| step | group | channels | ms saved | KL | latency after |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for i, s in enumerate(p["steps"], 1):
+        lines.append(f"| {i} | `{s['group']}` | {s['channels'][0]} -> {s['channels'][1]} | {s['ms_saved']:.4f} | "
+                     f"{s['kl']:.4f} | {_fmt(s.get('latency_ratio'), '.3f')} |")  # fmt: skip
+    return lines + [""]
+
+
+def sensitivity_markdown(sens: dict, top: int = 10) -> list[str]:
+    """The `top` worst layers of a deploy/sensitivity.py analysis (`layer_sqnr` rows, with or without the
+    per-layer variants) as a Markdown section, with its plot when one was written."""
+    from .sensitivity import worst
+
+    key = sens["ranking"]
+    variants = "base" in sens
+    lines = ["## Layer sensitivity", "",
+             f"One pass on {sens['sqnr_images']} calibration images, int8 (exact Q/DQ arithmetic) against fp32: "
+             "SQNR of each quantized node's output, and the dB it loses against its inputs (`lost`)."]  # fmt: skip
+    if variants:
+        b = sens["base"]
+        lines.append(f"Then each node kept alone in float, and quantized alone, on {sens['variant_images']} images "
+                     f"(all-int8 there: logit SQNR {_fmt(b['sqnr_db'], '.1f')} dB, agreement {b['agreement']:.1f}%"
+                     + (f", top-1 drop {b['top1_drop']:.2f}" if "top1_drop" in b else "") + ").")  # fmt: skip
+    lines += ["", f"Ranked by `{key}`:", ""]
+    head = "| # | layer | op | SQNR dB | lost dB | weight dB | output Q/DQ dB |"
+    if variants:
+        head += " in float: +dB | agreement % | top-1 % | alone: SQNR dB |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for i, r in enumerate(worst(sens["layers"], top, key), 1):
+        row = (f"| {i} | `{_cell(r['node'])}` | {r['op_type']} | {_fmt(r['sqnr_db'], '.1f')} | {_fmt(r['lost_db'], '.1f')} | "
+               f"{_fmt(r['weight_sqnr_db'], '.1f')} | {_fmt(r['output_qdq_sqnr_db'], '.1f')} |")  # fmt: skip
+        if variants:
+            ex, al = r.get("excluded", {}), r.get("alone", {})
+            row += (f" {_fmt(r.get('excluded_gain_db'))} | {_fmt(ex.get('agreement'), '.1f')} | {_fmt(ex.get('top1'))} | "
+                    f"{_fmt(al.get('sqnr_db'), '.1f')} |")  # fmt: skip
+        lines.append(row)
+    if sens.get("plot"):
+        lines += ["", f"![layer sensitivity]({sens['plot']})"]
+    return lines + [""]
+
+
+def sensitivity_plot(sens: dict, path: Path, title: str) -> str:
+    """Bars per quantized node in graph order: the dB it loses (and, with the variants, the logit SQNR gained by
+    keeping it alone in float), the worst ones labeled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .sensitivity import worst
+
+    rows = sens["layers"]
+    panels = [("lost_db", "dB lost at the node")] + ([("excluded_gain_db", "logit SQNR gain in float, dB")]
+                                                     if "base" in sens else [])  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        ax.bar(range(len(rows)), [r.get(key) or 0.0 for r in rows], color="tab:blue")
+        for r in worst(rows, 5, key):
+            i = rows.index(r)
+            ax.bar([i], [r[key]], color="tab:red")
+            ax.annotate(r["node"].strip("/").replace("/", " "), (i, r[key]), fontsize=6, rotation=20,
+                        ha="left", va="bottom")  # fmt: skip
+        ax.set_ylabel(label)
+        ax.axhline(0, color="black", linewidth=0.5)
+    axes[-1, 0].set_xlabel("quantized node, in graph order")
+    fig.suptitle(f"{title}: int8 sensitivity per layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name

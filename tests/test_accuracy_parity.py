@@ -1,4 +1,5 @@
-"""Accuracy parity on real ImageNet photos: EfficientNet-Lite0 int8 within 0.5 top-1 point of fp32."""
+"""Accuracy parity on real ImageNet photos: EfficientNet-Lite0 int8 within 0.3 top-1 point of fp32, with top-1
+agreement of at least 97% (onnxruntime's quantize_static per-channel gives about 95-96%; see the README)."""
 
 import pytest
 
@@ -21,9 +22,9 @@ def test_efficientnet_lite0_int8_keeps_top1(tmp_path, imagenet_sample, target):
     if target == "ort-cpu" and not exact_int8_kernels():
         # ORT's U8S8 kernels saturate on CPUs without VNNI: the model is checked with exact Q/DQ arithmetic
         # (what VNNI/AMX CPUs compute) and the build must say what this CPU loses.
-        assert acc["reference"]["top1_drop"] <= 0.5
-        assert acc["reference"]["agreement"] >= 95.0
+        assert acc["reference"]["top1_drop"] <= 0.3
+        assert acc["reference"]["agreement"] >= 97.0
         assert any("no VNNI" in w for w in report["warnings"])
     else:
-        assert acc["top1_drop"] <= 0.5
-        assert acc["agreement"] >= 95.0
+        assert acc["top1_drop"] <= 0.3
+        assert acc["agreement"] >= 97.0

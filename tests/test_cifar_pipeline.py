@@ -1,9 +1,10 @@
 """Real data: the committed CIFAR-10 mobilenet_v3_small, pruned by 30% of MACs and distilled for 2 epochs on a
 subset of the training set, stays within 2 top-1 points of the unpruned model and runs faster on ORT.
 
-At 64 px the model has 5.5M MACs and ORT's batch-1 latency is dominated by per-op overhead: measured here,
-the pruned model's p50 equalled the unpruned one (0.399 ms both), so speed is asserted on batch-32 throughput
-and p50 is only printed."""
+At 64 px the model has 5.5M MACs and ORT's batch-1 latency is dominated by per-op overhead (measured here,
+the pruned model's p50 equalled the unpruned one, 0.399 ms both), so speed is compared at batch 32. CI machines
+are shared: the two models are timed in alternating rounds on one thread and the best time of each is compared
+(a sequential measurement once saw the pruned model 5% slower while a neighbour's load came and went)."""
 
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from deploy import macs, models
 from deploy import recipe as recipes
 from deploy.recipe import ExportConfig
+from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu
 from deploy.stages import distill, prune
 from deploy.stages.export_onnx import export
@@ -26,14 +28,13 @@ TEST_IMAGES = 2000  # of 10,000, drawn with a seed: about +-1 point of sampling 
 TRAIN_IMAGES = 50000  # the whole training set: 2 epochs of KD take about 4 min on 2 cores
 
 
-def _ort_top1_p50_throughput(model, test, tmp_path, name):
+def _ort_top1(model, test, tmp_path, name) -> tuple[float, OrtCpu]:
     export(model, tmp_path / f"{name}.onnx", ExportConfig(simplify=False), 64)
-    rt = OrtCpu(tmp_path / f"{name}.onnx")
+    rt = OrtCpu(tmp_path / f"{name}.onnx", threads=1)
     x = torch.stack([test[i][0] for i in range(len(test))]).numpy()
     y = np.array([test[i][1] for i in range(len(test))])
     pred = np.concatenate([rt.infer(x[i : i + 250]).argmax(1) for i in range(0, len(x), 250)])
-    lat = rt.benchmark((3, 64, 64), batch=32, warmup=20, runs=320)
-    return 100.0 * float((pred == y).mean()), lat.p50_ms, lat.throughput_ips
+    return 100.0 * float((pred == y).mean()), rt
 
 
 @pytest.mark.data
@@ -55,10 +56,11 @@ def test_pruned_distilled_model_keeps_accuracy_and_is_faster(cifar10, tmp_path):
     distill.distill(student, teacher, train, recipe.distill, recipe.train)
     assert macs.count(student, 64)["macs"] == rec["after"]["macs"]
 
-    base_top1, base_p50, base_ips = _ort_top1_p50_throughput(teacher, test, tmp_path, "base")
-    top1, p50, ips = _ort_top1_p50_throughput(student, test, tmp_path, "pruned")
-    print(f"unpruned {base_top1:.2f}% {base_p50:.3f} ms {base_ips:.0f} img/s; "
-          f"pruned+KD {top1:.2f}% {p50:.3f} ms {ips:.0f} img/s")
+    base_top1, base_rt = _ort_top1(teacher, test, tmp_path, "base")
+    top1, rt = _ort_top1(student, test, tmp_path, "pruned")
+    base_ms, ms = interleaved_best_ms([base_rt, rt], (3, 64, 64), batch=32)
+    print(f"unpruned {base_top1:.2f}% {base_ms:.2f} ms/batch of 32; pruned+KD {top1:.2f}% {ms:.2f} ms "
+          f"({base_ms / ms:.2f}x)")
     assert base_top1 >= 75, "the committed checkpoint should be a trained model"
     assert top1 >= base_top1 - 2.0
-    assert ips > base_ips
+    assert ms < base_ms

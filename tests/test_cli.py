@@ -33,7 +33,9 @@ def test_build_writes_models_and_reports(tmp_path, small_recipe, small_val, caps
                                                 "latency.png", "calibration.json"}  # fmt: skip
     r = json.loads((out / "report.json").read_text())
     assert r["model"] == "mobilenet_v3_small" and r["target"] == "tensorrt" and r["passed"]
-    assert [s["name"] for s in r["stages"]] == ["load", "data", "fold_bn", "export_onnx", "quantize", "verify"]
+    assert r["recommended"]["model"] == "model.int8.onnx"  # tensorrt target, no threshold missed
+    assert [s["name"] for s in r["stages"]] == ["load", "data", "fold_bn", "export_onnx", "quantize",
+                                                "bias_correction", "sensitivity", "verify"]
     assert all(s["seconds"] >= 0 for s in r["stages"])
     acc = r["accuracy"]
     for p in ("fp32", "int8"):

@@ -24,7 +24,8 @@ def test_build_from_onnx_quantizes_and_verifies(tmp_path, onnx_file):
     out = tmp_path / "out"
     assert main(["build", str(onnx_file), "--int8", "--samples", "16", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["stages"]] == ["data", "import_onnx", "quantize", "verify"]
+    assert [s["name"] for s in report["stages"]] == ["data", "import_onnx", "quantize", "bias_correction",
+                                                     "sensitivity", "verify"]
     assert "skipped" in report["stages"][1]["notes"]
     assert report["accuracy"]["agreement"] > 0 and report["latency"]["int8"]["p50_ms"] > 0
     assert onnx.load(str(out / "model.fp32.onnx")).graph.node  # the input, copied after checking
@@ -41,7 +42,7 @@ def test_fixed_batch_and_invalid_files_are_refused(tmp_path, onnx_file, capsys):
     junk.write_bytes(b"not onnx")
     with pytest.raises(DeployError, match="not an ONNX model"):
         recipe.load(str(junk))
-    with pytest.raises(DeployError, match="prune and distill need a PyTorch model"):
+    with pytest.raises(DeployError, match="prune, distill and qat need a PyTorch model"):
         recipe.override(recipe.load(str(onnx_file)), {"prune.enabled": True})
     with pytest.raises(DeployError, match="is an ONNX file"):
         models.architecture(recipe.load(str(onnx_file)).model)

@@ -115,3 +115,49 @@ def test_build_with_prune_and_distill_reports_every_stage(tmp_path, small_recipe
     assert "## After each stage" in (out / "report.md").read_text()
     again = models.build(small_recipe.model.model_copy(update={"weights": str(out / "model.distilled.pth")}))
     assert sum(p.numel() for p in again.parameters()) == rows["distill"]["params"]
+
+
+def test_build_with_latency_aware_pruning_reports_the_chosen_widths(tmp_path, small_recipe):
+    import yaml
+
+    data = small_recipe.model_dump(mode="json")
+    data["verify"]["max_top1_drop"] = None
+    # fewer groups to time keeps the test short; half of a group per step saves time well above the noise
+    data["prune"].update(protect=["features.[1-7].*"], latency_step=0.5)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["build", str(path), "--latency-budget", "0.9", "--int8", "--out", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    p = r["prune"]
+    assert p["mode"] == "latency" and p["latency_ratio"] <= 0.9 and p["steps"]
+    assert r["stages_summary"][1]["macs"] == p["after"]["macs"] < p["before"]["macs"]
+    md = (out / "report.md").read_text()
+    assert "## Latency-aware pruning" in md and f"`{p['steps'][0]['group']}`" in md
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, tiny_folder, target):
+    import yaml
+
+    from deploy.int8 import PREPARED
+
+    data = small_recipe.model_dump(mode="json")
+    data["verify"]["max_top1_drop"] = None
+    data["quantize"]["qat"].update(epochs=1, images=8, batch_size=4)
+    data["train"]["workers"] = 0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    rc = main(["build", str(path), "--int8", "--target", target, "--qat", "on", "--train", str(tiny_folder),
+               "--val", str(tiny_folder), "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    names = [s["name"] for s in r["stages"]]
+    assert names.index("quantize") < names.index("qat") < names.index("quantize_qat") < names.index("verify")
+    assert len(r["qat"]["history"]) == 1 and r["qat"]["reason"] == "quantize.qat: on"
+    assert set(r["qat"]["ptq"]) >= {"agreement", "top1_drop"} and set(r["qat"]["int8"]) >= {"agreement", "top1_drop"}
+    # the int8 model is the fine-tuned one: verify's figures are QAT's, against the original fp32 model
+    assert r["accuracy"]["agreement"] == r["qat"]["int8"]["agreement"]
+    assert r["quantize"]["source"] == PREPARED and (out / PREPARED).is_file()
+    assert "- QAT (quantize.qat: on)" in (out / "report.md").read_text()

@@ -27,6 +27,22 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     return loss
 
 
+def kd_objective(teacher: nn.Module, loop: TrainConfig, alpha: float, temperature: float):
+    """train.fit's loss (logits, x, y) -> kd_loss against `teacher`, frozen on the training device."""
+    from ..train import device_for
+
+    teacher = teacher.to(device_for(loop), memory_format=torch.channels_last).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(x)
+        return kd_loss(logits, t, y, alpha, temperature, loop.label_smoothing)
+
+    return loss
+
+
 def teacher_model(cfg: DistillConfig, before_pruning: nn.Module, num_classes: int) -> nn.Module:
     """The teacher: a registered model (recipe name or YAML) with cfg.teacher_weights, else the unpruned model."""
     if cfg.teacher is None:
@@ -43,21 +59,12 @@ def distill(student: nn.Module, teacher: nn.Module, dataset, cfg: DistillConfig,
             val=None) -> list[dict]:  # fmt: skip
     """Train `student` in place for cfg.epochs with the KD loss on `dataset`; images labeled -1 (an unlabeled
     folder) get the KD term only."""
-    from ..train import device_for, fit, subset
+    from ..train import fit, subset
     from .prune import adapt_bn
 
     loop = train.model_copy(update={"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                     "augment": cfg.augment})  # fmt: skip
-    teacher = teacher.to(device_for(loop), memory_format=torch.channels_last).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t = teacher(x)
-        return kd_loss(logits, t, y, cfg.alpha, cfg.temperature, loop.label_smoothing)
-
-    history = fit(student, dataset, loop, loss, val=val)
+    history = fit(student, dataset, loop, kd_objective(teacher, loop, cfg.alpha, cfg.temperature), val=val)
     # BN statistics from the weights' final state, on up to 2048 training images (see prune.adapt_bn)
     batches = torch.utils.data.DataLoader(subset(dataset, 2048, loop.seed), batch_size=loop.batch_size)
     adapt_bn(student, (x for x, _ in batches))

@@ -128,7 +128,11 @@ def prune(model: nn.Module, cfg: PruneConfig, input_size: int, data=None) -> tup
 
     With `data` (unlabeled images, N x 3 x H x W), Taylor importance uses it and the pruned model's BatchNorm
     statistics are re-estimated on it (adapt_bn). Returns the pruned model and a record: MACs/params before
-    and after, the channel ratio used, widths."""
+    and after, the channel ratio used, widths. cfg.mode latency: see prune_latency.py."""
+    if cfg.mode == "latency":
+        from .prune_latency import prune_latency
+
+        return prune_latency(model, cfg, input_size, data)
     before = macs.count(model, input_size)
     if cfg.by == "channels" or cfg.ratio == 0:
         channel_ratio = cfg.ratio

@@ -1,9 +1,11 @@
 """Post-training int8 quantization to QDQ ONNX with onnxruntime's quantization tool, made for a target.
 
 ort-cpu:  uint8 activations (asymmetric), int8 per-channel symmetric weights: the U8S8 form that
-          ORT's x86 kernels run fast.
+          ORT's x86 kernels run fast; h-swish/h-sigmoid rewritten to run in int8 and, where it pays, the
+          stem kept in float (qdq_placement.py).
 tensorrt: int8 activations with zero-point 0, int8 per-channel symmetric weights on the output-channel
-          axis: what TensorRT's explicit quantization accepts (it also runs on ORT CPU, slowly).
+          axis: what TensorRT's explicit quantization accepts (it also runs on ORT CPU, slowly); Q/DQ only
+          on the inputs of Conv/Gemm/MatMul/Add, so each Conv fuses with its activation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections import Counter
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -24,8 +27,12 @@ import onnx
 from ..console import track, warn
 from ..errors import DeployError
 from ..recipe import QuantizeConfig
+from . import qdq_placement
 
 CALIB_BATCH = 8
+# tensorrt placement (conv_inputs_only): Q/DQ on the inputs of these ops and of Add (so both inputs of a residual
+# Add are quantized), none on their outputs, so TensorRT fuses each with the activation after it
+TENSORRT_WEIGHTED = ["Conv", "Gemm", "MatMul"]
 
 
 @contextmanager
@@ -76,7 +83,21 @@ def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig) -> str:
     h = hashlib.sha256(fp32.read_bytes())
     h.update(np.ascontiguousarray(calib).tobytes())
     h.update(json.dumps({"method": cfg.calibration.method, "percentile": cfg.calibration.percentile}).encode())
+    h.update(json.dumps(quantized_op_types(cfg)).encode())  # ORT calibrates only the tensors of these ops
     return h.hexdigest()[:16]
+
+
+def quantized_op_types(cfg: QuantizeConfig) -> list[str] | None:
+    """The op types onnxruntime quantizes; None = all it can."""
+    return [*TENSORRT_WEIGHTED, "Add"] if cfg.target == "tensorrt" and cfg.conv_inputs_only else None
+
+
+def float_stem(model: onnx.ModelProto, cfg: QuantizeConfig) -> list[str]:
+    """Names of the stem nodes kept in float (ort-cpu, `float_stem`; see qdq_placement.float_stem_pays)."""
+    if cfg.target != "ort-cpu" or cfg.float_stem is False:
+        return []
+    nodes = qdq_placement.stem_nodes(model)
+    return nodes if cfg.float_stem or qdq_placement.float_stem_pays(model, nodes) else []
 
 
 def excluded_nodes(model: onnx.ModelProto, patterns: list[str]) -> list[str]:
@@ -102,9 +123,12 @@ def quantize(
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
         "entropy": CalibrationMethod.Entropy,
+        "mse": CalibrationMethod.MinMax,  # ORT has no MSE method: mse_calibration.py writes the ranges to the cache
     }
     model = onnx.load(str(fp32))
     excluded = excluded_nodes(model, cfg.exclude)
+    stem = float_stem(model, cfg)
+    op_types = quantized_op_types(cfg)
     symmetric_activations = cfg.target == "tensorrt"
     key = cache_key(fp32, calib, cfg)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -114,9 +138,15 @@ def quantize(
     method_used = found[0].stem.rsplit("-", 1)[1] if found else cfg.calibration.method
 
     def run(method: str) -> None:
+        cache = cache_dir / f"ranges-{key}-{method}.json"
+        if method == "mse" and not cache.is_file():
+            from .mse_calibration import write_ranges
+
+            with _quiet_ort():
+                write_ranges(Path(source), _reader(calib, model.graph.input[0].name), op_types, symmetric_activations, cache)
         with _quiet_ort():
             quantize_static(
-                str(fp32),
+                source,
                 str(out),
                 calibration_data_reader=None if found else _reader(calib, model.graph.input[0].name),
                 quant_format=QuantFormat.QDQ,
@@ -125,16 +155,23 @@ def quantize(
                 activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
-                nodes_to_exclude=excluded,
+                nodes_to_exclude=sorted(set(excluded) | set(stem)),
+                op_types_to_quantize=op_types,
                 calibration_cache_path=str(cache_dir / f"ranges-{key}-{method}.json"),
                 extra_options={
                     "ActivationSymmetric": symmetric_activations,
                     "WeightSymmetric": True,
                     "CalibStridedMinMax": 1,  # one reader batch per collection step (see Reader)
                     "CalibPercentile": cfg.calibration.percentile,
+                    **({"OpTypesToExcludeOutputQuantization": TENSORRT_WEIGHTED} if op_types else {}),
                 },
             )
 
+    tmp = tempfile.TemporaryDirectory()  # removed when done, or when garbage-collected after an error
+    source = str(fp32)
+    if qdq_placement.own_constants(model, excluded + stem):  # float nodes keep float constants
+        source = str(Path(tmp.name) / "fp32.onnx")
+        onnx.save(model, source)
     try:
         run(method_used)
     except ValueError as err:
@@ -145,7 +182,13 @@ def quantize(
         warn(f"{method_used} calibration failed on a near-constant tensor ({err}); using minmax")
         method_used = "minmax"
         run(method_used)
+    tmp.cleanup()
     qmodel = onnx.load(str(out))
+    rewrites, float_inputs = {}, 0
+    if cfg.target == "ort-cpu":
+        rewrites = qdq_placement.rewrite_hard_activations(qmodel) if cfg.int8_hard_activations else {}
+        float_inputs = qdq_placement.float_inputs(qmodel, excluded + stem)
+        onnx.save(qmodel, str(out))
     ops = Counter(n.op_type for n in qmodel.graph.node)
     return {
         "target": cfg.target,
@@ -154,6 +197,8 @@ def quantize(
         "calibration": {**cfg.calibration.model_dump(), "method_used": method_used, "images": len(calib),
                         "cache_reused": bool(found)},
         "excluded_nodes": excluded,
+        "placement": {"float_stem": stem, "int8_hard_activations": rewrites, "float_inputs_per_channel": float_inputs,
+                      "quantized_op_types": op_types or "all onnxruntime quantizes"},  # fmt: skip
         "quantize_linear": ops["QuantizeLinear"],
         "dequantize_linear": ops["DequantizeLinear"],
         "op_types": dict(sorted(ops.items())),
