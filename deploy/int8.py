@@ -129,7 +129,8 @@ def _mixed_precision(b: Build, source: Path, threads: int | None) -> None:
     with b.stage("mixed_precision") as s:
         try:
             record = fallback(source, b.calibration.calib.inputs, images.inputs, labels, b.recipe.quantize,
-                              b.recipe.verify, b.int8_onnx, b.workdir / "calibration-cache", threads=threads)  # fmt: skip
+                              b.recipe.verify, b.int8_onnx, b.workdir / "calibration-cache", threads=threads,
+                              ref=b.fp32_logits)  # the original fp32 model's, as verify measures  # fmt: skip
         except MixedPrecisionFailed as err:  # the int8 model stays as it was; verify reports what it misses
             b.report["mixed_precision"] = {**err.record, "error": str(err)}
             b.warn(str(err))

@@ -51,21 +51,17 @@ def rank(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig, int8: Path, images:
     return sorted((r for r in rows if r["gain_db"] > 0), key=lambda r: -r["gain_db"])
 
 
-def _latency_ms(base: Path, model: Path, shape: tuple[int, ...], threads: int | None) -> tuple[float, float]:
-    """Batch-1 time (best of alternating rounds, see interleaved_best_ms) of the all-int8 model and `model`."""
-    a, b = interleaved_best_ms([OrtCpu(base, threads), OrtCpu(model, threads)], shape, 1, rounds=5, runs=10)
-    return a, b
-
-
 def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarray | None, cfg: QuantizeConfig,
              thresholds: VerifyConfig, out: Path, ranges: Path, ranking: list[str] | None = None,
-             threads: int | None = None) -> dict:
+             threads: int | None = None, ref: np.ndarray | None = None) -> dict:
     """Write to `out` the int8 model of `fp32` with the fewest most sensitive layers in float that meets
     `thresholds` on `images` (`labels` for top-1; exact Q/DQ arithmetic); return the record of the search.
 
     `ranges`: the folder holding the calibration ranges quantize() cached for `calib` and `cfg` (the build's
     calibration-cache). `ranking`: node names, most sensitive first (e.g. from `deploy diagnose`); computed
-    with `rank` when None. Raises MixedPrecisionFailed when `max_float_layers` layers are not enough.
+    with `rank` when None. `ref`: the fp32 logits on `images` to measure against (the original model's, when
+    `fp32` is a prepared copy); computed from `fp32` when None. Raises MixedPrecisionFailed when
+    `max_float_layers` layers are not enough.
     """
     mp = cfg.mixed_precision
     applies = [name for name, value, need in (("max_top1_drop", thresholds.max_top1_drop, labels is not None),
@@ -74,7 +70,8 @@ def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarr
     if not applies:
         raise DeployError("mixed precision needs a threshold to meet: verify.max_top1_drop (with labeled --val), "
                           "min_agreement or min_sqnr_db")  # fmt: skip
-    ref = verify.logits(OrtCpu(fp32, threads), images, 32, "Evaluating fp32")
+    if ref is None:
+        ref = verify.logits(OrtCpu(fp32, threads), images, 32, "Evaluating fp32")
     shape = tuple(images.shape[1:])
     record: dict = {"thresholds": applies, "images": len(images), "max_float_layers": mp.max_float_layers}
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +94,8 @@ def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarr
         for k, node in enumerate(ranking[: mp.max_float_layers], 1):
             sensitivity.requantize(fp32, step, calib, cfg, ranking[:k], ranges)
             figures = sensitivity.evaluate(step, images, ref, labels, threads=threads)
-            int8_ms, step_ms = _latency_ms(base, step, shape, threads)
+            # batch-1 time of the all-int8 model and this step's, best of alternating rounds
+            int8_ms, step_ms = interleaved_best_ms([OrtCpu(base, threads), OrtCpu(step, threads)], shape, 1, 5, 10)
             missed = verify.missed_thresholds(thresholds, figures)
             record["steps"].append({"added": node, **figures, "missed": missed, "int8_ms": round(int8_ms, 3),
                                     "ms": round(step_ms, 3), "slowdown": round(step_ms / int8_ms, 3),

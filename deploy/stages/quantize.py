@@ -157,7 +157,7 @@ def quantize(
                 calibrate_method=methods[method],
                 nodes_to_exclude=sorted(set(excluded) | set(stem)),
                 op_types_to_quantize=op_types,
-                calibration_cache_path=str(cache_dir / f"ranges-{key}-{method}.json"),
+                calibration_cache_path=str(cache),
                 extra_options={
                     "ActivationSymmetric": symmetric_activations,
                     "WeightSymmetric": True,
@@ -167,22 +167,21 @@ def quantize(
                 },
             )
 
-    tmp = tempfile.TemporaryDirectory()  # removed when done, or when garbage-collected after an error
-    source = str(fp32)
-    if qdq_placement.own_constants(model, excluded + stem):  # float nodes keep float constants
-        source = str(Path(tmp.name) / "fp32.onnx")
-        onnx.save(model, source)
-    try:
-        run(method_used)
-    except ValueError as err:
-        # ORT's histogram collector calls np.histogram(bins=2048) on each tensor, which fails on
-        # a (nearly) constant one: fall back to min/max ranges rather than give up.
-        if "bins" not in str(err) or method_used == "minmax":
-            raise
-        warn(f"{method_used} calibration failed on a near-constant tensor ({err}); using minmax")
-        method_used = "minmax"
-        run(method_used)
-    tmp.cleanup()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = str(fp32)
+        if qdq_placement.own_constants(model, excluded + stem):  # float nodes keep float constants
+            source = str(Path(tmp) / "fp32.onnx")
+            onnx.save(model, source)
+        try:
+            run(method_used)
+        except ValueError as err:
+            # ORT's histogram collector calls np.histogram(bins=2048) on each tensor, which fails on
+            # a (nearly) constant one: fall back to min/max ranges rather than give up.
+            if "bins" not in str(err) or method_used == "minmax":
+                raise
+            warn(f"{method_used} calibration failed on a near-constant tensor ({err}); using minmax")
+            method_used = "minmax"
+            run(method_used)
     qmodel = onnx.load(str(out))
     rewrites, float_inputs = {}, 0
     if cfg.target == "ort-cpu":

@@ -34,6 +34,11 @@ def test_pruned_model_runs_exports_and_keeps_round_widths(name, tmp_path):
     for head in head_layers(model):  # classifier outputs are the classes: never pruned (SqueezeNet's is a conv)
         w_old, w_new = old[head].weight, dict(pruned.named_modules())[head].weight
         assert w_new.shape[0] == w_old.shape[0] == 1000
+    assert_runs_and_exports(pruned, tmp_path)
+
+
+def assert_runs_and_exports(pruned, tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pruned 1000-class model runs, exports to ONNX and ORT gives PyTorch's logits; returns (input, logits)."""
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         y = pruned(x)
@@ -41,6 +46,7 @@ def test_pruned_model_runs_exports_and_keeps_round_widths(name, tmp_path):
     export(pruned, tmp_path / "p.onnx", ExportConfig(simplify=False), SIZE)
     got = OrtCpu(tmp_path / "p.onnx").infer(x.numpy())
     assert abs(got - y.numpy()).max() < 1e-3 * max(1.0, float(y.abs().max()))
+    return x, y
 
 
 def test_macs_target_is_met_and_pruned_checkpoint_reloads(tmp_path):

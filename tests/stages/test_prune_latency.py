@@ -3,13 +3,12 @@ round_to, the result runs, exports and reloads from its checkpoint; bad budgets 
 
 import pytest
 import torch
+from test_prune import assert_runs_and_exports
 from torch import nn
 
 from deploy import macs, models, recipe
 from deploy.errors import DeployError
-from deploy.recipe import ExportConfig, PruneConfig
-from deploy.runtimes.ort import OrtCpu
-from deploy.stages.export_onnx import export
+from deploy.recipe import PruneConfig
 from deploy.stages.prune import prune, pruned_checkpoint
 
 SIZE = 64
@@ -43,13 +42,7 @@ def test_budget_is_reached_as_measured_and_the_result_runs_exports_and_reloads(t
     assert all(c % 8 == 0 for c in changed.values()), changed
     assert rec["widths"]["features.0.0"] == {"in_channels": 3, "out_channels": 16, "groups": 1}  # stem protected
 
-    x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        y = pruned(x)
-    assert y.shape == (2, 1000) and torch.isfinite(y).all()
-    export(pruned, tmp_path / "p.onnx", ExportConfig(simplify=False), SIZE)
-    got = OrtCpu(tmp_path / "p.onnx").infer(x.numpy())
-    assert abs(got - y.numpy()).max() < 1e-3 * max(1.0, float(y.abs().max()))
+    x, y = assert_runs_and_exports(pruned, tmp_path)
 
     torch.save(pruned_checkpoint(pruned), tmp_path / "pruned.pth")
     spec = recipe.load("mobilenet_v3_small").model.model_copy(update={"weights": str(tmp_path / "pruned.pth")})
