@@ -12,8 +12,9 @@ Accuracy: the same variants made from the CIFAR-10 checkpoint at 64x64 (recipes/
 mobilenet_v3_small.yaml), calibrated on 256 training images: top-1 on --test-images test images on this
 CPU's kernels and with exact Q/DQ arithmetic (ORT graph optimizations off), drop against fp32.
 Profile: ms per op type and per convolution kind (ORT's profiler, batch 1) of fp32 and the fastest variant.
---stem-models: the float_stem rule against measurement on other models (their offline weights, else random):
-batch-1 p50 of fp32, int8 with an int8 stem and int8 with a float stem, alternating rounds.
+--stem-models: the float_stem rule and depthwise padding against measurement on other models (their offline
+weights, else random): batch-1 p50 of fp32, int8 with an int8 stem, with a float stem, and as the build makes it
+(the rule's stem, depthwise channels padded), alternating rounds.
 tensorrt target: Q/DQ nodes, TensorRT Q/DQ-rule findings (deploy/qdq_check.py) and exact top-1 on CIFAR-10 of
 onnxruntime's default placement and of conv_inputs_only (TensorRT itself is not run here).
 The variants are made by the build's own quantize stage (deploy/stages/quantize.py) with recipe overrides.
@@ -35,19 +36,21 @@ import torch
 
 from deploy import data, models, qdq_check, recipe
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import export_onnx, fold_bn, quantize, verify
+from deploy.stages import export_onnx, fold_bn, pad_channels, quantize, verify
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mobilenet_v3_small_cifar10.pth"
 CIFAR_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"
 ORT_DEFAULT = {"int8_hard_activations": False, "float_stem": False}
-# label -> (quantize overrides, run onnxruntime's quant_pre_process on the fp32 model first)
+# label -> (quantize overrides, fp32 graph: "pre" = onnxruntime's quant_pre_process, "pad" = depthwise channels
+# padded (stages/pad_channels.py, as the build does for ort-cpu), "" = as exported)
 VARIANTS = {
-    "ORT placement, quant_pre_process (HardSwish split)": (ORT_DEFAULT, True),
-    "ORT placement (HardSwish whole; before this issue)": (ORT_DEFAULT, False),
-    "int8 h-swish/h-sigmoid, int8 stem": ({"float_stem": False}, False),
-    "int8 h-swish/h-sigmoid, float stem (default)": ({}, False),
-    "  same, per-tensor weights": ({"per_channel": False}, False),
-    "  same, reduce_range (7-bit weights)": ({"reduce_range": True}, False),
+    "ORT placement, quant_pre_process (HardSwish split)": (ORT_DEFAULT, "pre"),
+    "ORT placement (HardSwish whole; before this issue)": (ORT_DEFAULT, ""),
+    "int8 h-swish/h-sigmoid, int8 stem": ({"float_stem": False}, ""),
+    "int8 h-swish/h-sigmoid, float stem": ({}, ""),
+    "  + depthwise channels padded to 16 (default)": ({}, "pad"),
+    "  same, per-tensor weights": ({"per_channel": False}, "pad"),
+    "  same, reduce_range (7-bit weights)": ({"reduce_range": True}, "pad"),
 }
 
 
@@ -57,15 +60,22 @@ def export(model: torch.nn.Module, path: Path, r: recipe.Recipe, size: int) -> P
     return path
 
 
+def padded(fp32: Path, out: Path) -> Path:
+    model = onnx.load(str(fp32))
+    pad_channels.pad_depthwise(model)
+    onnx.save(model, str(out))
+    return out
+
+
 def make_variants(fp32: Path, calib: np.ndarray, base: recipe.Recipe, work: Path) -> dict[str, Path]:
     """Every variant of `fp32`, calibrated once per fp32 graph (the build's range cache is reused)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    split = work / f"{fp32.stem}.pre.onnx"
-    quant_pre_process(str(fp32), str(split), skip_symbolic_shape=True)
+    sources = {"": fp32, "pre": work / f"{fp32.stem}.pre.onnx", "pad": padded(fp32, work / f"{fp32.stem}.pad.onnx")}
+    quant_pre_process(str(fp32), str(sources["pre"]), skip_symbolic_shape=True)
     out, first_cache = {}, {}
-    for k, (label, (overrides, pre)) in enumerate(VARIANTS.items()):
-        src = split if pre else fp32
+    for k, (label, (overrides, graph)) in enumerate(VARIANTS.items()):
+        src = sources[graph]
         cfg = recipe.override(base, {"quantize.enabled": True, **{f"quantize.{o}": v for o, v in overrides.items()}})
         out[label] = work / f"{fp32.stem}.v{k}.onnx"
         cache = work / f"cache-{fp32.stem}-{k}"
@@ -128,12 +138,13 @@ def tensorrt_forms(fp32: Path, calib: np.ndarray, r: recipe.Recipe, images, labe
               f"{sum(v.severity == 'warning' for v in found)} | {top1:.2f} | {ref - top1:.2f} |")
 
 
-def stem_check(names: list[str], size: int, threads: int, rounds: int, work: Path) -> None:
+def other_models(names: list[str], size: int, threads: int, rounds: int, work: Path) -> None:
+    """The float_stem rule and depthwise padding against measurement on other models."""
     from deploy.errors import DeployError
     from deploy.stages import qdq_placement
 
     print(f"\n| model ({size}x{size}, batch 1, {threads} thread(s)) | float_stem rule | fp32 p50 ms | int8 stem "
-          "| float stem |\n|---|---|---|---|---|")
+          "| float stem | build default (rule + padded depthwise) | depthwise convs padded |\n|---|---|---|---|---|---|---|")
     for name in names:
         r = recipe.override(recipe.load(name), {"preprocess.input_size": size, "preprocess.resize": size})
         try:
@@ -141,17 +152,20 @@ def stem_check(names: list[str], size: int, threads: int, rounds: int, work: Pat
         except DeployError:
             net = models.architecture(r.model)  # random weights: timing only
         fp32 = export(net, work / f"{name}.onnx", r, size)
+        pad = onnx.load(str(fp32))
+        count = len(pad_channels.pad_depthwise(pad))
+        onnx.save(pad, str(work / f"{name}.pad.onnx"))
         calib = data.calibration_data(None, data.Preprocessor(r.preprocess), 16, 0, 0).calib.inputs
         paths = [fp32]
-        for stem in (False, True):
+        for src, stem in ((fp32, False), (fp32, True), (work / f"{name}.pad.onnx", None)):
             cfg = recipe.override(r, {"quantize.enabled": True, "quantize.float_stem": stem}).quantize
             paths.append(work / f"{name}-{stem}.onnx")
-            quantize.quantize(fp32, paths[-1], calib, cfg, work / f"cache-{name}-{stem}", None)
+            quantize.quantize(src, paths[-1], calib, cfg, work / f"cache-{name}-{stem}", None)
         model = onnx.load(str(fp32))
         rule = qdq_placement.float_stem_pays(model, qdq_placement.stem_nodes(model))
         t = [x["p50_ms"] for x in timings(paths, size, threads, rounds, batch32=False)]
-        print(f"| {name} | {'float' if rule else 'int8'} | {t[0]:.3f} | {t[1]:.3f} ({t[0] / t[1]:.2f}x) "
-              f"| {t[2]:.3f} ({t[0] / t[2]:.2f}x) |")
+        print(f"| {name} | {'float' if rule else 'int8'} | {t[0]:.3f} | "
+              + " | ".join(f"{v:.3f} ({t[0] / v:.2f}x)" for v in t[1:]) + f" | {count} |")
 
 
 def cifar_sets(root: Path, r: recipe.Recipe, n_test: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -293,7 +307,7 @@ def main() -> None:
         if cifar_data:
             tensorrt_forms(c_fp32, calib, cifar, images, labels, work)
         if args.stem_models:
-            stem_check(["mobilenet_v3_small", *args.stem_models.split(",")], args.size, threads[0], args.rounds, work)
+            other_models(["mobilenet_v3_small", *args.stem_models.split(",")], args.size, threads[0], args.rounds, work)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Our int8 against onnxruntime's quantize_static, same model, same calibration images, one run.
 
     python benchmarks/int8_vs_peers.py --data ../shared/data [--cifar DIR] [--models efficientnet_lite0]
-        [--qat-images 10000]
+        [--cifar-models mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0,efficientnet_b0] [--qat-images 10000]
 
 Models: the ImageNet ones of --models (imagenet-sample/calib for calibration, val/ for evaluation; a model
 without offline weights is measured for latency only) and, with --cifar (train/ and test/ of CIFAR-10 JPEGs),
-the committed CIFAR-10 mobilenet_v3_small (256 training images for calibration, the 10,000 test images).
+the committed CIFAR-10 checkpoints of --cifar-models (256 training images for calibration, the 10,000 test
+images).
 Variants: fp32; quantize_static with its defaults (per-tensor) and with per_channel=True; ours = `deploy
 build --int8` for each target (its quantize, bias-correction and verify stages as a user runs them; with no
 --val the build holds out verify.heldout of the calibration images for its own check, so it calibrates on
@@ -101,9 +102,11 @@ def bench_model(label: str, r: recipe.Recipe, calib_dir: Path, val: data.ImageSe
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder holding imagenet-sample/")
-    p.add_argument("--cifar", type=Path, help="CIFAR-10 JPEGs (train/, test/): adds the CIFAR-10 mobilenet_v3_small")
+    p.add_argument("--cifar", type=Path, help="CIFAR-10 JPEGs (train/, test/): adds the CIFAR-10 models")
+    p.add_argument("--cifar-models", default="mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0,efficientnet_b0",
+                   help="CIFAR-10 recipes (recipes/cifar10/) measured when checkpoints/<name>_cifar10.pth exists")
     p.add_argument("--models", default="efficientnet_lite0", help="ImageNet models, comma-separated")
-    p.add_argument("--qat-images", type=int, default=10000, help="training images for the QAT variants")
+    p.add_argument("--qat-images", type=int, default=10000, help="training images for the QAT variants; 0 = none")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -116,12 +119,16 @@ def main() -> None:
             except DeployError:  # no offline weights: latency only, with random weights
                 r, val = recipe.override(r, {"model.weights": models.RANDOM_WEIGHTS}), None
             rows += bench_model(name, r, args.data / "imagenet-sample" / "calib", val, Path(tmp) / name, None, 0)
-        if args.cifar:
-            r = recipe.load(str(ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"))
-            r = recipe.override(r, {"model.weights": str(ROOT / "checkpoints" / "mobilenet_v3_small_cifar10.pth")})
+        for name in filter(None, args.cifar_models.split(",") if args.cifar else []):
+            weights = ROOT / "checkpoints" / f"{name}_cifar10.pth"
+            if not weights.is_file():
+                print(f"skipping CIFAR-10 {name}: no {weights}")
+                continue
+            r = recipe.override(recipe.load(str(ROOT / "recipes" / "cifar10" / f"{name}.yaml")),
+                                {"model.weights": str(weights)})  # fmt: skip
             val = data.labeled_set(args.cifar / "test", data.Preprocessor(r.preprocess), 10)
-            rows += bench_model("mobilenet_v3_small CIFAR-10", r, args.cifar / "train", val, Path(tmp) / "cifar",
-                                args.cifar / "train", args.qat_images)  # fmt: skip
+            rows += bench_model(f"{name} CIFAR-10", r, args.cifar / "train", val, Path(tmp) / f"cifar-{name}",
+                                args.cifar / "train" if args.qat_images else None, args.qat_images)  # fmt: skip
 
     kernels = exact_int8_kernels()
     print(f"\nexact int8 kernels on this CPU (VNNI/AMX): {kernels}; latency: 1 thread, best of interleaved rounds")

@@ -1,6 +1,7 @@
 """The int8 stages of a build: graph preparation, quantization, and the fallbacks when a threshold is missed.
 
-    equalize (optional) -> quantize -> bias_correction (optional) -> [qat] -> [mixed_precision] -> sensitivity
+    equalize (optional) -> pad_depthwise (ort-cpu) -> quantize -> bias_correction (optional) -> [qat]
+        -> [mixed_precision] -> sensitivity
 
 QAT runs when `quantize.qat.mode` is on, or auto and the int8 model misses a verify threshold and --train images
 are given; mixed precision when enabled and the (possibly QAT) int8 model still misses one. Both are judged on
@@ -25,13 +26,13 @@ if TYPE_CHECKING:
     from .pipeline import Build, BuildOptions
 
 # The fp32 model the int8 one is quantized from, kept in the build folder when it is not model.fp32.onnx
-# (equalized, or fine-tuned by QAT): `deploy diagnose` re-quantizes from it with the cached ranges.
+# (equalized, padded, or fine-tuned by QAT): `deploy diagnose` re-quantizes from it with the cached ranges.
 PREPARED = "model.fp32.prepared.onnx"
 
 
 def build_int8(b: Build, opts: BuildOptions, previous: Path | None, threads: int | None) -> None:
     q = b.recipe.quantize
-    source = _equalize(b, threads) if q.equalize.enabled else b.fp32_onnx
+    source = _pad_depthwise(b, _equalize(b, threads) if q.equalize.enabled else b.fp32_onnx, threads)
     b.int8_onnx = b.workdir / "model.int8.onnx"
     _quantize(b, source, previous)
     auto = q.qat.mode == "auto" and opts.train is not None and b.model is not None
@@ -57,15 +58,41 @@ def _equalize(b: Build, threads: int | None) -> Path:
         model, record = equalize(onnx.load(str(b.fp32_onnx)), cfg.relu6, cfg.pairs)
         out = b.workdir / PREPARED
         onnx.save(model, str(out))
-        x = b.calibration.calib.inputs[:8]
-        ref = OrtCpu(b.fp32_onnx, threads).infer(x)
-        diff = float(np.abs(OrtCpu(out, threads).infer(x) - ref).max())
-        record["max_abs_logit_diff"] = diff
+        record["max_abs_logit_diff"] = diff = _logit_diff(b, b.fp32_onnx, out, threads)
         b.report["equalize"] = record
         s["notes"] = f"{record['pairs']} pairs ({cfg.pairs}, relu6 {cfg.relu6}), max |logit diff| {diff:.1e}"
-        if diff > b.recipe.export.tolerance * max(float(np.abs(ref).max()), 1.0):
-            raise DeployError(f"cross-layer equalization changed the fp32 logits by {diff:.2e}")
     return out
+
+
+def _pad_depthwise(b: Build, source: Path, threads: int | None) -> Path:
+    """Zero-pad depthwise channels to a multiple of 16 for ORT's int8 kernels (stages/pad_channels.py)."""
+    from .stages.pad_channels import pad_depthwise
+
+    if b.recipe.quantize.target != "ort-cpu" or not b.recipe.quantize.pad_depthwise:
+        return source
+    model = onnx.load(str(source))
+    padded = pad_depthwise(model)
+    if not padded:
+        return source
+    with b.stage("pad_depthwise") as s:
+        out = b.workdir / PREPARED
+        tmp = out.with_suffix(".tmp")  # `source` may be `out` (equalized, or from QAT)
+        onnx.save(model, str(tmp))
+        diff = _logit_diff(b, source, tmp, threads)
+        tmp.replace(out)
+        b.report["pad_depthwise"] = {"convs": padded, "max_abs_logit_diff": diff}
+        s["notes"] = f"{len(padded)} depthwise convs padded to a multiple of 16 channels, max |logit diff| {diff:.1e}"
+    return out
+
+
+def _logit_diff(b: Build, before: Path, after: Path, threads: int | None) -> float:
+    """Largest logit change a graph preparation made on 8 calibration images; raises if beyond export tolerance."""
+    x = b.calibration.calib.inputs[:8]
+    ref = OrtCpu(before, threads).infer(x)
+    diff = float(np.abs(OrtCpu(after, threads).infer(x) - ref).max())
+    if diff > b.recipe.export.tolerance * max(float(np.abs(ref).max()), 1.0):
+        raise DeployError(f"graph preparation ({after.name}) changed the fp32 logits by {diff:.2e}")
+    return diff
 
 
 def _quantize(b: Build, source: Path, previous: Path | None, stage: str = "quantize") -> None:
@@ -116,6 +143,7 @@ def _qat(b: Build, opts: BuildOptions, threads: int | None) -> Path:
                            "reason": "quantize.qat: on" if q.qat.mode == "on" else
                            "post-training int8 missed: " + "; ".join(verify.missed_thresholds(r.verify, before))}  # fmt: skip
         s["notes"] = f"{len(history)} epochs on {min(len(images), q.qat.images or len(images))} images"
+    source = _pad_depthwise(b, source, threads)
     _quantize(b, source, None, "quantize_qat")
     b.report["qat"]["int8"] = _figures(b.evaluate(threads))
     return source

@@ -18,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import DeployError
+from .stages.qdq_placement import attr
 
 # Rules whose violation TensorRT still builds, only slower (lost fusions); the others it rejects or
 # computes differently from the ONNX model.
@@ -57,13 +58,6 @@ class _Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         return self.constants.get(name)
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
 
 
 def load(path: Path) -> onnx.ModelProto:
@@ -123,7 +117,7 @@ def _check_qdq_node(g: _Graph, n: onnx.NodeProto) -> list[Violation]:
             out.append(Violation("zero-point", n.name, f"zero-point {int(zp.flat[np.flatnonzero(zp)[0]])} != 0: "
                                  "TensorRT supports only symmetric quantization"))  # fmt: skip
     if scale is not None and scale.size > 1:
-        axis = _attr(n, "axis", 1)
+        axis = attr(n, "axis", 1)
         weight_of = [c for c in g.consumers.get(n.output[0], []) if WEIGHT_CONSUMERS.get(c.op_type) is not None
                      and len(c.input) > WEIGHT_CONSUMERS[c.op_type] and c.input[WEIGHT_CONSUMERS[c.op_type]] == n.output[0]]  # fmt: skip
         if x is None and not weight_of:

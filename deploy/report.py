@@ -197,6 +197,10 @@ def _int8_steps(r: dict) -> list[str]:
         lines.append(f"- Cross-layer equalization: {eq['pairs']} conv pairs ({', '.join(f'{k} {v}' for k, v in eq['kinds'].items())}); "
                      f"per-channel weight range spread (max/median, geometric mean) {_fmt(spread['before'], '.1f')} -> "
                      f"{_fmt(spread['after'], '.1f')}; fp32 logits changed by {eq['max_abs_logit_diff']:.1e}.")  # fmt: skip
+    if pad := r.get("pad_depthwise"):
+        lines.append("- Depthwise channels zero-padded to a multiple of 16 for ORT's int8 kernels: "
+                     + ", ".join(f"`{n}` -> {c}" for n, c in pad["convs"].items())
+                     + f"; fp32 logits changed by {pad['max_abs_logit_diff']:.1e}.")  # fmt: skip
     if bc := r.get("bias_correction"):
         lines.append(f"- Bias correction: {bc['layers']} layers on {bc['images']} calibration images"
                      + (f", median RMS shift removed {bc['rms_shift']['median']:.2e}." if bc["rms_shift"] else "."))  # fmt: skip

@@ -49,7 +49,7 @@ def test_mixed_precision_that_cannot_meet_the_threshold_fails_the_build_with_its
     assert _pick_model(tmp_path / "out").name == "model.fp32.onnx"
 
 
-def test_equalization_and_bias_correction_in_the_build_and_diagnose_after(tmp_path, small_recipe, capsys):
+def test_graph_preparation_in_the_build_and_diagnose_after(tmp_path, small_recipe, capsys):
     data = small_recipe.model_dump(mode="json")
     data["verify"].update(max_top1_drop=None)
     path = tmp_path / "recipe.yaml"
@@ -58,7 +58,10 @@ def test_equalization_and_bias_correction_in_the_build_and_diagnose_after(tmp_pa
     assert main(["build", str(path), "--int8", "--equalize", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     names = [s["name"] for s in report["stages"]]
-    assert names[names.index("equalize"):] == ["equalize", "quantize", "bias_correction", "sensitivity", "verify"]
+    assert names[names.index("equalize"):] == ["equalize", "pad_depthwise", "quantize", "bias_correction",
+                                               "sensitivity", "verify"]  # fmt: skip
+    pad = report["pad_depthwise"]  # mobilenet_v3_small's 72, 88 and 120 channels, after equalization
+    assert sorted(pad["convs"].values()) == [80, 96, 128] and pad["max_abs_logit_diff"] < 1e-4
     eq = report["equalize"]
     assert eq["pairs"] > 0 and eq["max_abs_logit_diff"] < 1e-4
     assert eq["range_spread"]["conv1_out"]["after"] < eq["range_spread"]["conv1_out"]["before"]

@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import DeployError
-from .qdq_placement import Graph
+from .qdq_placement import Graph, attr
 
 # ops that commute with a positive per-channel scale of their (first) input and keep the channel axis
 _COMMUTE = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Identity", "Dropout"}
@@ -61,16 +61,12 @@ class _Graph(Graph):
         node.input[slot] = self.add_const(f"{old}_equalized", value)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _conv_kind(gr: _Graph, conv: onnx.NodeProto) -> str | None:
     """"dw" (depthwise, multiplier 1), "pw" (1x1, group 1), "conv" (other group-1) or None (grouped)."""
     w = gr.const(conv.input[1])
     if w is None or w.ndim != 4:
         return None
-    group = _attr(conv, "group", 1)
+    group = attr(conv, "group", 1)
     if group == 1:
         return "pw" if w.shape[2:] == (1, 1) else "conv"
     return "dw" if group == w.shape[0] and w.shape[1] == 1 else None
@@ -78,8 +74,8 @@ def _conv_kind(gr: _Graph, conv: onnx.NodeProto) -> str | None:
 
 def _relu6(gr: _Graph, clip: onnx.NodeProto) -> bool | None:
     """True for Clip(0, 6)-like (min 0, finite max), False for Clip(0, inf) (a ReLU), None otherwise."""
-    lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else _attr(clip, "min", None)
-    hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else _attr(clip, "max", None)
+    lo = gr.const(clip.input[1]) if len(clip.input) > 1 and clip.input[1] else attr(clip, "min", None)
+    hi = gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else attr(clip, "max", None)
     if lo is None or float(np.asarray(lo)) != 0.0:
         return None
     return hi is not None and np.isfinite(float(np.asarray(hi)))
@@ -135,7 +131,7 @@ def _trace(gr: _Graph, conv1: onnx.NodeProto, relu6: str) -> _Pair | str:
 
 def _clip_to_relu_min(gr: _Graph, clip: onnx.NodeProto, channels: int) -> onnx.NodeProto:
     """Clip(x, 0, hi) -> Min(Relu(x), hi per channel), in place: the same function, with a per-channel bound."""
-    hi = float(np.asarray(gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else _attr(clip, "max", 0)))
+    hi = float(np.asarray(gr.const(clip.input[2]) if len(clip.input) > 2 and clip.input[2] else attr(clip, "max", 0)))
     base = clip.name or clip.output[0]
     relu_out = gr.fresh(f"{base}/relu")
     bound = gr.add_const(f"{base}/per_channel_max", np.full((1, channels, 1, 1), hi, np.float32))

@@ -80,7 +80,8 @@ class Graph:
             and scale.size == 1  # fmt: skip
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attr(node: onnx.NodeProto, name: str, default):
+    """An attribute's value, or `default` when the node does not set it."""
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
@@ -140,7 +141,7 @@ def fold_hardsigmoid_into_conv(model: onnx.ModelProto) -> int:
         if chain is None:
             continue
         conv, bias_dq, q_in, dq_in, q_out = chain
-        alpha, beta = _attr(hsig, "alpha", 0.2), _attr(hsig, "beta", 0.5)
+        alpha, beta = attr(hsig, "alpha", 0.2), attr(hsig, "beta", 0.5)
         if alpha <= 0:
             continue
         bias_q, bias_scale = gr.const(bias_dq.input[0]), gr.const(bias_dq.input[1])
@@ -163,7 +164,7 @@ def fold_hardsigmoid_into_conv(model: onnx.ModelProto) -> int:
             gr.g.node.remove(n)
         gr.index()
         count += 1
-    _drop_unused(gr)
+    drop_unused(gr)
     return count
 
 
@@ -191,7 +192,7 @@ def _conv_chain(gr: Graph, hsig: onnx.NodeProto):
     return conv, bias_dq, q_in, dq_in, q_out
 
 
-def _drop_unused(gr: Graph) -> None:
+def drop_unused(gr: Graph) -> None:
     """Remove nodes whose outputs nobody reads (the replaced bias DQs) and initializers nobody reads."""
     while True:
         gr.index()
@@ -221,7 +222,7 @@ def stem_nodes(model: onnx.ModelProto) -> list[str]:
     for n in model.graph.node:
         if not all(i in ready for i in n.input) or n.op_type in ("Gemm", "MatMul"):
             continue
-        if n.op_type == "Conv" and weights.get(n.input[1], [])[2:] == [1, 1] and _attr(n, "group", 1) == 1 \
+        if n.op_type == "Conv" and weights.get(n.input[1], [])[2:] == [1, 1] and attr(n, "group", 1) == 1 \
                 and shapes.get(n.output[0], 0) > 1:  # fmt: skip
             continue
         out.append(n.name)
@@ -293,12 +294,12 @@ def float_inputs(model: onnx.ModelProto, names: list[str]) -> int:
         dq = gr.producer.get(node.input[0])
         w = gr.const(node.input[1]) if len(node.input) > 1 else None
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or dq is None or dq.op_type != DQ or w is None \
-                or gr.const(dq.input[1]) is None or gr.const(dq.input[1]).size != 1 or _attr(node, "transA", 0):  # fmt: skip
+                or gr.const(dq.input[1]) is None or gr.const(dq.input[1]).size != 1 or attr(node, "transA", 0):  # fmt: skip
             continue
         if node.op_type == "Gemm":
-            channels = w.shape[1] if _attr(node, "transB", 0) else w.shape[0]
+            channels = w.shape[1] if attr(node, "transB", 0) else w.shape[0]
         else:
-            channels = w.shape[0] if node.op_type == "ConvTranspose" else w.shape[1] * _attr(node, "group", 1)
+            channels = w.shape[0] if node.op_type == "ConvTranspose" else w.shape[1] * attr(node, "group", 1)
         scale = gr.add_const(f"{node.name}_input_scale", np.full(channels, gr.const(dq.input[1]).item(), np.float32))
         inputs = [dq.input[0], scale]
         if len(dq.input) > 2 and dq.input[2]:
@@ -308,5 +309,5 @@ def float_inputs(model: onnx.ModelProto, names: list[str]) -> int:
         _insert_before(gr.g, node, [helper.make_node(DQ, inputs, [out], name=gr.fresh(f"{node.name}_input_DequantizeLinear"), axis=1)])
         node.input[0] = out
         count += 1
-    _drop_unused(gr)
+    drop_unused(gr)
     return count
