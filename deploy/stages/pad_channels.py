@@ -11,7 +11,7 @@ activations, GlobalAveragePool, Mul/Add of two region tensors: the squeeze-excit
 through group-1 convs (their weights and bias get zero output channels) and left through group-1 convs (their
 weights get zero input channels), so the added channels never reach a value outside the region: the model
 computes the same outputs. A region with any other producer or consumer (a graph input or output, Concat,
-Reshape, an Add with a residual, a constant operand) is left alone.
+Reshape, a constant operand) or a conv of another channel count is left alone.
 """
 
 from __future__ import annotations
