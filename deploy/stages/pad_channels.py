@@ -74,12 +74,12 @@ def pad_depthwise(model: onnx.ModelProto, multiple: int = MULTIPLE) -> dict[str,
     docstring); returns {depthwise conv name: channels after padding}."""
     gr = Graph(model)
     done: dict[str, int] = {}
+    nodes = {n.name: n for n in model.graph.node}  # padding edits nodes in place: names and objects stay valid
     for node in list(model.graph.node):
         if _kind(gr, node) != "dw" or gr.const(node.input[1]).shape[0] % multiple == 0:
             continue
         found = _region(gr, node.input[0])
         channels = gr.const(node.input[1]).shape[0]
-        nodes = {n.name: n for n in model.graph.node}
         # every conv of the region has `channels` on the side that touches it (else it is not one we understand)
         convs = [*(("dw", n) for n in found[0] if _kind(gr, nodes[n]) == "dw"), *found[1]] if found else []
         if not convs or any(gr.const(nodes[n].input[1]).shape[side == "in"] != channels for side, n in convs):
