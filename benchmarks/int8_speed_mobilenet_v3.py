@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import onnx
 import torch
 
 from deploy import data, models, qdq_check, recipe
+from deploy.runtimes.base import interleaved_times
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
 from deploy.stages import export_onnx, fold_bn, pad_channels, quantize, verify
 
@@ -88,22 +88,10 @@ def timings(paths: list[Path], size: int, threads: int, rounds: int, batch32: bo
     """Batch-1 p50 and batch-32 throughput of each model, each measured in alternating rounds (batch 1 first,
     then batch 32: alternating the batch size within a session makes ORT re-plan its memory every run)."""
     rts = [OrtCpu(p, threads) for p in paths]
-    rng = np.random.default_rng(0)
     out = [{} for _ in rts]
     for batch, runs, key in ((1, 20, "p50_ms"), (32, 2, "ips"))[: 2 if batch32 else 1]:
-        x = rng.standard_normal((batch, 3, size, size), dtype=np.float32)
-        times = [[] for _ in rts]
-        for rt in rts:
-            for _ in range(3):
-                rt.infer(x)
-        for _ in range(rounds):
-            for i, rt in enumerate(rts):
-                for _ in range(runs):
-                    start = time.perf_counter()
-                    rt.infer(x)
-                    times[i].append(time.perf_counter() - start)
-        for i, t in enumerate(times):
-            out[i][key] = float(np.median(t)) * 1e3 if batch == 1 else batch / float(np.median(t))
+        for o, t in zip(out, interleaved_times(rts, (3, size, size), batch, rounds, runs)):
+            o[key] = float(np.median(t)) * 1e3 if batch == 1 else batch / float(np.median(t))
     return out
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import DeployError
-from .stages.qdq_placement import attr
+from .stages.qdq_placement import Graph, attr
 
 # Rules whose violation TensorRT still builds, only slower (lost fusions); the others it rejects or
 # computes differently from the ONNX model.
@@ -42,24 +41,6 @@ class Violation:
         return f"{self.node}: [{self.rule}] {self.message}"
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.nodes = list(g.node)
-        self.constants = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.constants[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-
-    def const(self, name: str) -> np.ndarray | None:
-        return self.constants.get(name)
-
-
 def load(path: Path) -> onnx.ModelProto:
     if not path.is_file():
         raise DeployError(f"ONNX file not found: {path}")
@@ -71,15 +52,15 @@ def load(path: Path) -> onnx.ModelProto:
 
 def check(model: onnx.ModelProto) -> list[Violation]:
     """Every violation of TensorRT's Q/DQ rules in `model`, in graph order."""
-    g = _Graph(model)
+    g = Graph(model)
     out: list[Violation] = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         out.append(Violation("opset", "(model)", f"opset {opset} < 13: TensorRT needs per-axis Q/DQ from opset 13"))
-    qdq = [n for n in g.nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    qdq = [n for n in g.g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if not qdq:
         out.append(Violation("no-qdq", "(model)", "no QuantizeLinear/DequantizeLinear nodes: not an int8 QDQ model"))
-    for n in g.nodes:
+    for n in g.g.node:
         if n.op_type.startswith("QLinear") or n.op_type in QOPERATOR_OPS:
             out.append(Violation("qoperator", n.name, f"{n.op_type} is a QOperator node; TensorRT needs the QDQ "
                                  "form (quantize with quant_format=QDQ)"))  # fmt: skip
@@ -91,7 +72,7 @@ def check(model: onnx.ModelProto) -> list[Violation]:
     return out
 
 
-def _check_qdq_node(g: _Graph, n: onnx.NodeProto) -> list[Violation]:
+def _check_qdq_node(g: Graph, n: onnx.NodeProto) -> list[Violation]:
     out = []
     scale = g.const(n.input[1])
     zp = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
@@ -129,17 +110,17 @@ def _check_qdq_node(g: _Graph, n: onnx.NodeProto) -> list[Violation]:
     return out
 
 
-def _from_dq(g: _Graph, tensor: str) -> bool:
+def _from_dq(g: Graph, tensor: str) -> bool:
     p = g.producer.get(tensor)
     return p is not None and p.op_type == "DequantizeLinear"
 
 
-def _is_constant(g: _Graph, tensor: str) -> bool:
+def _is_constant(g: Graph, tensor: str) -> bool:
     p = g.producer.get(tensor)
-    return tensor in g.constants or (p is not None and p.op_type == "DequantizeLinear" and p.input[0] in g.constants)
+    return g.is_const(tensor) or (p is not None and p.op_type == "DequantizeLinear" and g.is_const(p.input[0]))
 
 
-def _check_residual_add(g: _Graph, n: onnx.NodeProto) -> list[Violation]:
+def _check_residual_add(g: Graph, n: onnx.NodeProto) -> list[Violation]:
     """An Add of two activations (not a bias) is a residual connection."""
     computed = [i for i in n.input if i and not _is_constant(g, i)]
     if len(computed) < 2:
@@ -151,7 +132,7 @@ def _check_residual_add(g: _Graph, n: onnx.NodeProto) -> list[Violation]:
                       "before it); quantize both inputs so TensorRT fuses the Add into the int8 Conv") for m in missing]  # fmt: skip
 
 
-def _check_fusion_breaks(g: _Graph, qdq: list[onnx.NodeProto]) -> list[Violation]:
+def _check_fusion_breaks(g: Graph, qdq: list[onnx.NodeProto]) -> list[Violation]:
     """Conv/BN -> Q -> DQ -> BN/ReLU: the pair splits a Conv+BN+ReLU fusion."""
     out = []
     for q in (n for n in qdq if n.op_type == "QuantizeLinear"):

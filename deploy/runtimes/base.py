@@ -59,20 +59,26 @@ class Runtime(ABC):
         )
 
 
-def interleaved_best_ms(runtimes: list[Runtime], input_shape: tuple[int, ...], batch: int, rounds: int = 10,
-                        runs: int = 10) -> list[float]:
-    """The fastest time (ms) of one `batch` on each runtime, measured in alternating rounds.
+def interleaved_times(runtimes: list[Runtime], input_shape: tuple[int, ...], batch: int, rounds: int = 10,
+                      runs: int = 10) -> list[np.ndarray]:
+    """Seconds per run of one `batch` on each runtime, measured in alternating rounds.
 
     For comparing models on a shared machine: load from other processes comes and goes, and alternating
-    rounds expose every model to the same conditions; the minimum is the least disturbed run."""
+    rounds expose every model to the same conditions."""
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
     for rt in runtimes:
         rt.infer(x)  # warm-up: allocations, kernel selection
-    best = [float("inf")] * len(runtimes)
+    times = [[] for _ in runtimes]
     for _ in range(rounds):
-        for i, rt in enumerate(runtimes):
+        for rt, t in zip(runtimes, times):
             for _ in range(runs):
                 start = time.perf_counter()
                 rt.infer(x)
-                best[i] = min(best[i], time.perf_counter() - start)
-    return [b * 1e3 for b in best]
+                t.append(time.perf_counter() - start)
+    return [np.array(t) for t in times]
+
+
+def interleaved_best_ms(runtimes: list[Runtime], input_shape: tuple[int, ...], batch: int, rounds: int = 10,
+                        runs: int = 10) -> list[float]:
+    """The fastest time (ms) of one `batch` on each runtime in `interleaved_times`: the least disturbed run."""
+    return [float(t.min()) * 1e3 for t in interleaved_times(runtimes, input_shape, batch, rounds, runs)]

@@ -41,16 +41,7 @@ class _Pair:
 
 
 class _Graph(Graph):
-    """qdq_placement's graph index, reading Constant nodes as constants too, and able to give a node its own
-    copy of a constant input."""
-
-    def const(self, name: str) -> np.ndarray | None:
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
-        return None
+    """qdq_placement's graph index, able to give a node its own copy of a constant input."""
 
     def set_input(self, node: onnx.NodeProto, slot: int, value: np.ndarray) -> None:
         """Give `node` its own initializer holding `value` at input `slot` (exporters share equal tensors)."""

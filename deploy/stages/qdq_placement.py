@@ -56,7 +56,14 @@ class Graph:
         return None
 
     def const(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
+        """The value of an initializer or of a Constant node's output; None for a computed tensor."""
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        return numpy_helper.to_array(node.attribute[0].t) if _constant(node) else None
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits or _constant(self.producer.get(name))
 
     def fresh(self, base: str) -> str:
         name, k = base, 0
@@ -78,6 +85,10 @@ class Graph:
         scale = self.const(node.input[1])
         return node.input[0] not in self.inits and zp is not None and zp.dtype == np.uint8 and scale is not None \
             and scale.size == 1  # fmt: skip
+
+
+def _constant(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "Constant" and bool(node.attribute) and node.attribute[0].name == "value"
 
 
 def attr(node: onnx.NodeProto, name: str, default):
