@@ -1,7 +1,7 @@
 """Our int8 against onnxruntime's quantize_static, same model, same calibration images, one run.
 
     python benchmarks/int8_vs_peers.py --data ../shared/data [--cifar DIR] [--models efficientnet_lite0]
-        [--cifar-models mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0] [--qat-images 10000]
+        [--cifar-models mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0,efficientnet_b0] [--qat-images 10000]
 
 Models: the ImageNet ones of --models (imagenet-sample/calib for calibration, val/ for evaluation; a model
 without offline weights is measured for latency only) and, with --cifar (train/ and test/ of CIFAR-10 JPEGs),
@@ -103,7 +103,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder holding imagenet-sample/")
     p.add_argument("--cifar", type=Path, help="CIFAR-10 JPEGs (train/, test/): adds the CIFAR-10 models")
-    p.add_argument("--cifar-models", default="mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0",
+    p.add_argument("--cifar-models", default="mobilenet_v3_small,mobilenet_v2,shufflenet_v2_x1_0,efficientnet_b0",
                    help="CIFAR-10 recipes (recipes/cifar10/) measured when checkpoints/<name>_cifar10.pth exists")
     p.add_argument("--models", default="efficientnet_lite0", help="ImageNet models, comma-separated")
     p.add_argument("--qat-images", type=int, default=10000, help="training images for the QAT variants; 0 = none")

@@ -6,11 +6,15 @@
 QAT runs when `quantize.qat.mode` is on, or auto and the int8 model misses a verify threshold and --train images
 are given; mixed precision when enabled and the (possibly QAT) int8 model still misses one. Both are judged on
 the build's evaluation images (--val, else held-out calibration images), the same ones verify reports.
-QAT fine-tunes the model as exported (not equalized): training adapts its weight ranges itself.
+QAT fine-tunes the model as exported (not equalized): training adapts its weight ranges itself. Its int8
+model replaces the post-training one only when it is no worse there (QAT can diverge on a model whose
+activations quantize badly, as the CIFAR-10 EfficientNet-B0 did at lr 0.02).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +23,7 @@ import onnx
 
 from . import sensitivity
 from .errors import DeployError
+from .report import figures
 from .runtimes.ort import OrtCpu
 from .stages import quantize, verify, verify_trt
 
@@ -37,7 +42,7 @@ def build_int8(b: Build, opts: BuildOptions, previous: Path | None, threads: int
     _quantize(b, source, previous)
     auto = q.qat.mode == "auto" and opts.train is not None and b.model is not None
     if q.qat.mode == "on" or (auto and _missed(b, threads)):
-        source = _qat(b, opts, threads)
+        source = _qat(b, opts, source, threads)
     if q.mixed_precision.enabled and _missed(b, threads):
         _mixed_precision(b, source, threads)
     b.report["quantize"]["source"] = source.name
@@ -123,8 +128,9 @@ def _missed(b: Build, threads: int | None) -> list[str]:
     return verify.missed_thresholds(b.recipe.verify, b.evaluate(threads))
 
 
-def _qat(b: Build, opts: BuildOptions, threads: int | None) -> Path:
-    """Fine-tune with fake quantization and KD from the fp32 model, then quantize the result (stages/qat.py)."""
+def _qat(b: Build, opts: BuildOptions, ptq_source: Path, threads: int | None) -> Path:
+    """Fine-tune with fake quantization and KD from the fp32 model, then quantize the result (stages/qat.py).
+    Returns the fp32 model the kept int8 one was quantized from."""
     from .stages import export_onnx, qat
     from .train import image_folder, train_transform
 
@@ -134,19 +140,40 @@ def _qat(b: Build, opts: BuildOptions, threads: int | None) -> Path:
     if opts.train is None:
         raise DeployError("quantize.qat: on needs training images: pass --train DIR")
     before = dict(b.evaluate(threads))
-    with b.stage("qat") as s:
-        images = image_folder(opts.train, train_transform(r.preprocess, r.distill.augment), None, "training")
-        tuned, history = qat.qat(b.model, b.model, images, q.qat, r.train, q.target, r.preprocess.input_size)
-        source = b.workdir / PREPARED
-        export_onnx.export(tuned, source, r.export, r.preprocess.input_size)
-        b.report["qat"] = {"mode": q.qat.mode, "history": history, "ptq": _figures(before),
-                           "reason": "quantize.qat: on" if q.qat.mode == "on" else
-                           "post-training int8 missed: " + "; ".join(verify.missed_thresholds(r.verify, before))}  # fmt: skip
-        s["notes"] = f"{len(history)} epochs on {min(len(images), q.qat.images or len(images))} images"
-    source = _pad_depthwise(b, source, threads)
-    _quantize(b, source, None, "quantize_qat")
-    b.report["qat"]["int8"] = _figures(b.evaluate(threads))
-    return source
+    ptq_report = {k: b.report[k] for k in ("quantize", "bias_correction", "pad_depthwise") if k in b.report}
+    with tempfile.TemporaryDirectory(dir=b.workdir) as keep:
+        kept = {p: Path(keep, p.name) for p in (b.int8_onnx, b.workdir / PREPARED) if p.is_file()}
+        for path, copy in kept.items():
+            shutil.copy(path, copy)
+        with b.stage("qat") as s:
+            images = image_folder(opts.train, train_transform(r.preprocess, r.distill.augment), None, "training")
+            tuned, history = qat.qat(b.model, b.model, images, q.qat, r.train, q.target, r.preprocess.input_size)
+            source = b.workdir / PREPARED
+            export_onnx.export(tuned, source, r.export, r.preprocess.input_size)
+            reason = "quantize.qat: on" if q.qat.mode == "on" else \
+                "post-training int8 missed: " + "; ".join(verify.missed_thresholds(r.verify, before))  # fmt: skip
+            b.report["qat"] = {"mode": q.qat.mode, "history": history, "ptq": _figures(before), "reason": reason}
+            s["notes"] = f"{len(history)} epochs on {min(len(images), q.qat.images or len(images))} images"
+        source = _pad_depthwise(b, source, threads)
+        _quantize(b, source, None, "quantize_qat")
+        after = b.evaluate(threads)
+        b.report["qat"]["int8"] = _figures(after)
+        if _score(b, after) <= _score(b, before):
+            return source
+        (b.workdir / PREPARED).unlink()
+        for path, copy in kept.items():
+            copy.replace(path)
+    b.report.update(ptq_report)
+    b.report["qat"]["kept"] = "post-training"
+    b.accuracy = before
+    b.warn(f"QAT made int8 worse ({figures(after)}; post-training {figures(before)}): kept the post-training model")
+    return ptq_source
+
+
+def _score(b: Build, acc: dict) -> tuple:
+    """Lower is better: thresholds missed, then disagreement with fp32 (less noisy than the top-1 drop, in
+    which flips either way cancel)."""
+    return len(verify.missed_thresholds(b.recipe.verify, acc)), -acc["agreement"]
 
 
 def _mixed_precision(b: Build, source: Path, threads: int | None) -> None:

@@ -77,9 +77,11 @@ class QATConfig(_Strict):
     # auto: only when post-training quantization misses a verify threshold and --train images are given
     mode: Literal["auto", "on", "off"] = "auto"
     epochs: int = Field(1, gt=0)  # measured with 1 epoch of 10,000 images (see lr)
-    # start of a cosine schedule; the optimizer and augmentation are train's. lr 0.02 and temperature 4 measured
-    # better than 0.001 and 1 (CIFAR-10 mobilenet_v3_small, tensorrt, 1 epoch: top-1 drop 0.80 -> -0.15 vs 0.20)
-    lr: float = Field(0.02, gt=0)
+    # start of a cosine schedule; the optimizer and augmentation are train's. None = train.lr / 10: 0.02 for the
+    # SGD peak 0.2 of mobilenet_v3_small, where it and temperature 4 measured better than 0.001 and 1 (CIFAR-10,
+    # tensorrt, 1 epoch: top-1 drop 0.80 -> -0.15 vs 0.20); an AdamW recipe's lower peak scales it down (0.02
+    # with AdamW made the CIFAR-10 EfficientNet-B0 diverge)
+    lr: float | None = Field(None, gt=0)
     batch_size: int = Field(64, gt=0)
     images: int | None = Field(10000, gt=0)  # training images drawn per run (with train.seed); None = all
     alpha: float = Field(1.0, ge=0, le=1)  # KD weight, as distill.alpha: 1 = match the fp32 model only

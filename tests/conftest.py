@@ -12,6 +12,17 @@ import torch
 from deploy import recipe as recipes
 
 DATA_ENV = "DEPLOY_DATA"
+SLOW_ENV = "DEPLOY_SLOW"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes of training each) run only with DEPLOY_SLOW=1; CI stays within its budget."""
+    if os.environ.get(SLOW_ENV) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"slow (QAT on real data, minutes): set {SLOW_ENV}=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def data_root() -> Path:

@@ -1,25 +1,33 @@
 """Real data: the committed CIFAR-10 checkpoints through `deploy build --int8` for both targets, evaluated on the
-whole CIFAR-10 test set (10,000 images): int8 within 0.5 top-1 point of fp32 with post-training quantization
-alone (ORT's kernels for ort-cpu, which are exact on VNNI/AMX CPUs; exact Q/DQ arithmetic for tensorrt)."""
+whole CIFAR-10 test set (10,000 images): int8 within 0.5 top-1 point of fp32 (ORT's kernels for ort-cpu, which
+are exact on VNNI/AMX CPUs; exact Q/DQ arithmetic for tensorrt). The build gets training images, so QAT runs
+when post-training quantization misses: it must not for the models that quantize well, and must for
+EfficientNet-B0 (its SiLU activations are heavy-tailed: per-tensor int8 loses 3 points on ort-cpu, 42 on
+tensorrt's symmetric int8)."""
 
 from pathlib import Path
 
 import pytest
 
 from deploy import recipe as recipes
+from deploy.errors import ThresholdMissed
 from deploy.pipeline import BuildOptions, build
 from deploy.runtimes.ort import exact_int8_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 # model -> fp32 top-1 floor on the test set (the checkpoint's measured accuracy, rounded down; checkpoints/README.md)
-MODELS = {"mobilenet_v3_small": 80.0, "mobilenet_v2": 81.0, "shufflenet_v2_x1_0": 78.0}
-
+MODELS = {"mobilenet_v3_small": 80.0, "mobilenet_v2": 81.0, "shufflenet_v2_x1_0": 78.0, "efficientnet_b0": 64.0}
+NEEDS_QAT = {"efficientnet_b0"}  # 1 epoch of 10,000 images: ~5 min a target on 2 cores, so marked slow
+# measured misses of the 0.5-point target, with the build's defaults (see the README's CIFAR-10 table)
+KNOWN_MISSES = {("efficientnet_b0", "tensorrt"): "QAT (1 epoch) brings the drop from 42.19 to 0.62 points, not 0.5"}
 pytestmark = pytest.mark.data
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEEDS_QAT else n for n in MODELS])
+def test_cifar10_int8_keeps_top1(cifar10, tmp_path, request, name, target):
+    if (name, target) in KNOWN_MISSES:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_MISSES[name, target], raises=ThresholdMissed))
     checkpoint = ROOT / "checkpoints" / f"{name}_cifar10.pth"
     if not checkpoint.is_file():
         pytest.skip(f"checkpoints/{checkpoint.name} not present")
@@ -27,11 +35,16 @@ def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
     r = recipes.override(r, {"model.weights": str(checkpoint), "quantize.enabled": True, "quantize.target": target,
                              "verify.max_top1_drop": 0.5, "verify.latency.runs": 20,
                              "quantize.sensitivity_images": 0})  # fmt: skip
-    report = build(r, BuildOptions(calib=cifar10 / "train", val=cifar10 / "test", out=tmp_path / "b"))
+    opts = BuildOptions(calib=cifar10 / "train", val=cifar10 / "test", train=cifar10 / "train", out=tmp_path / "b")
+    report = build(r, opts)
     acc = report["accuracy"]
     exact = acc.get("reference", acc)  # ort-cpu on a CPU without VNNI: see the README
+    qat = report.get("qat")
     print(f"\n{name} {target}: fp32 {acc['fp32']['top1']:.2f}%, int8 {acc['int8']['top1']:.2f}%, exact drop "
-          f"{exact['top1_drop']:.2f}, agreement {exact['agreement']:.2f}%, kernels exact: {exact_int8_kernels()}")
+          f"{exact['top1_drop']:.2f}, agreement {exact['agreement']:.2f}%, kernels exact: {exact_int8_kernels()}"
+          + (f", post-training int8 {qat['ptq']}" if qat else ""))
     assert acc["fp32"]["n"] == 10000 and acc["fp32"]["top1"] >= MODELS[name]
     assert exact["top1_drop"] <= 0.5
     assert report["passed"] == (acc["top1_drop"] <= 0.5)
+    if exact_int8_kernels() or target == "tensorrt":  # QAT is judged on the figures of ORT's kernels
+        assert (qat is not None and "kept" not in qat) == (name in NEEDS_QAT)

@@ -161,3 +161,23 @@ def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, t
     assert r["accuracy"]["agreement"] == r["qat"]["int8"]["agreement"]
     assert r["quantize"]["source"] == PREPARED and (out / PREPARED).is_file()
     assert "- QAT (quantize.qat: on)" in (out / "report.md").read_text()
+
+
+def test_build_keeps_post_training_int8_when_qat_makes_it_worse(tmp_path, small_recipe, tiny_folder):
+    import yaml
+
+    data = small_recipe.model_dump(mode="json")
+    data["verify"]["max_top1_drop"] = None
+    data["quantize"]["qat"].update(epochs=1, images=8, batch_size=4, lr=50.0)  # a step this size wrecks the weights
+    data["train"]["workers"] = 0
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    rc = main(["build", str(path), "--int8", "--qat", "on", "--train", str(tiny_folder), "--val", str(tiny_folder),
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["qat"]["int8"]["agreement"] < r["qat"]["ptq"]["agreement"] and r["qat"]["kept"] == "post-training"
+    assert r["accuracy"]["agreement"] == r["qat"]["ptq"]["agreement"]  # verify measured the restored model
+    assert r["quantize"]["source"] != "model.fp32.onnx" or not (out / "model.fp32.prepared.onnx").exists()
+    assert any("QAT made int8 worse" in w for w in r["warnings"])

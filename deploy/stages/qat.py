@@ -32,9 +32,11 @@ _DROPOUT = {aten.dropout.default, aten.dropout_.default}
 # their range; and h-sigmoid, which quantize.py folds into the squeeze-excite Conv (qdq_placement)
 _FUSED_AFTER_CONV = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
                      aten.hardsigmoid.default, aten.hardsigmoid_.default}  # fmt: skip
-# ops whose output onnxruntime quantizes on the ort-cpu target (it quantizes every op it has a QDQ rule for)
+# ops whose output onnxruntime quantizes on the ort-cpu target (it quantizes every op it has a QDQ rule for);
+# SiLU is exported as Sigmoid -> Mul, whose output is quantized
 _QUANTIZED_OUTPUT = _CONV | _ADD | _MUL | _FUSED_AFTER_CONV | {
     aten.hardswish.default, aten.hardswish_.default, aten.sigmoid.default, aten.sigmoid_.default,
+    aten.silu.default, aten.silu_.default,
     aten.adaptive_avg_pool2d.default, aten.mean.dim, aten.avg_pool2d.default, aten.max_pool2d.default,
     aten.cat.default,
 }  # fmt: skip
@@ -152,7 +154,7 @@ def qat(model: nn.Module, teacher: nn.Module, dataset, cfg: QATConfig, train: Tr
     from ..train import fit, subset
     from .distill import kd_objective
 
-    loop = train.model_copy(update={"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
+    loop = train.model_copy(update={"epochs": cfg.epochs, "lr": cfg.lr or train.lr / 10, "batch_size": cfg.batch_size,
                                     "schedule": "cosine"})  # fmt: skip
     folded, prepared = prepare(model, target, input_size)
     loss = kd_objective(copy.deepcopy(teacher), loop, cfg.alpha, cfg.temperature)
