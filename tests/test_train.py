@@ -3,6 +3,7 @@ runs prune + distill with per-stage figures in the report."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,15 +137,13 @@ def test_build_with_latency_aware_pruning_reports_the_chosen_widths(tmp_path, sm
     assert "## Latency-aware pruning" in md and f"`{p['steps'][0]['group']}`" in md
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
-def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, tiny_folder, target):
+def _qat_build(tmp_path, small_recipe, tiny_folder, target: str, **qat) -> tuple[Path, dict]:
+    """`deploy build --int8 --qat on` of the small recipe (QAT 1 epoch of 8 images, plus `qat`): (out, report)."""
     import yaml
-
-    from deploy.int8 import PREPARED
 
     data = small_recipe.model_dump(mode="json")
     data["verify"]["max_top1_drop"] = None
-    data["quantize"]["qat"].update(epochs=1, images=8, batch_size=4)
+    data["quantize"]["qat"].update(epochs=1, images=8, batch_size=4, **qat)
     data["train"]["workers"] = 0
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -152,7 +151,14 @@ def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, t
     rc = main(["build", str(path), "--int8", "--target", target, "--qat", "on", "--train", str(tiny_folder),
                "--val", str(tiny_folder), "--out", str(out)])  # fmt: skip
     assert rc == 0
-    r = json.loads((out / "report.json").read_text())
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, tiny_folder, target):
+    from deploy.int8 import PREPARED
+
+    out, r = _qat_build(tmp_path, small_recipe, tiny_folder, target)
     names = [s["name"] for s in r["stages"]]
     assert names.index("quantize") < names.index("qat") < names.index("quantize_qat") < names.index("verify")
     assert len(r["qat"]["history"]) == 1 and r["qat"]["reason"] == "quantize.qat: on"
@@ -164,19 +170,7 @@ def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, t
 
 
 def test_build_keeps_post_training_int8_when_qat_makes_it_worse(tmp_path, small_recipe, tiny_folder):
-    import yaml
-
-    data = small_recipe.model_dump(mode="json")
-    data["verify"]["max_top1_drop"] = None
-    data["quantize"]["qat"].update(epochs=1, images=8, batch_size=4, lr=50.0)  # a step this size wrecks the weights
-    data["train"]["workers"] = 0
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(data))
-    out = tmp_path / "out"
-    rc = main(["build", str(path), "--int8", "--qat", "on", "--train", str(tiny_folder), "--val", str(tiny_folder),
-               "--out", str(out)])  # fmt: skip
-    assert rc == 0
-    r = json.loads((out / "report.json").read_text())
+    out, r = _qat_build(tmp_path, small_recipe, tiny_folder, "ort-cpu", lr=50.0)  # a step this size wrecks the weights
     assert r["qat"]["int8"]["agreement"] < r["qat"]["ptq"]["agreement"] and r["qat"]["kept"] == "post-training"
     assert r["accuracy"]["agreement"] == r["qat"]["ptq"]["agreement"]  # verify measured the restored model
     assert r["quantize"]["source"] != "model.fp32.onnx" or not (out / "model.fp32.prepared.onnx").exists()

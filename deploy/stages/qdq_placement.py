@@ -88,7 +88,9 @@ class Graph:
 
 
 def _constant(node: onnx.NodeProto | None) -> bool:
-    return node is not None and node.op_type == "Constant" and bool(node.attribute) and node.attribute[0].name == "value"
+    """A Constant node holding a tensor (`value`), the form exporters write."""
+    return node is not None and node.op_type == "Constant" and bool(node.attribute) \
+        and node.attribute[0].name == "value"  # fmt: skip
 
 
 def attr(node: onnx.NodeProto, name: str, default):
