@@ -9,14 +9,17 @@ saved; steps repeat until the measured latency is within `latency_budget` of the
 
 Timing on a shared machine: batch 1 on one ORT thread; the unpruned, current and candidate models run in
 alternating rounds (`interleaved_best_ms`) so load from other processes hits all of them alike, and each model
-is the fastest of its rounds. Two ORT sessions of the same model differ by up to ~1.5% (measured here:
+is the fastest of its runs; a round lasts at least ROUND_MS per model, so a brief disturbance cannot cover all
+of a small model's rounds. Two ORT sessions of the same model differ by up to ~1.5% (measured here:
 placement in memory), so every model is loaded twice and its figure is the mean of both; a candidate counts
-only when it saves more than the two sessions of the current model differ by, and more than 0.5%.
+only when it saves more than the two sessions of the current model differ by, and more than 0.5%. When no
+candidate counts, every one is timed again with twice the rounds before the search gives up.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import time
 from contextlib import contextmanager
@@ -39,7 +42,8 @@ from .prune import _importance, _traceable_shuffle, adapt_bn, protected_layers, 
 # The accuracy proxy (BN re-estimation and KL) runs on calibration images worth this many pixels, per candidate
 # (128 images at 64x64, the 32-image minimum at 224x224), which bounds its cost at large inputs.
 PROXY_PIXELS, MIN_PROXY_IMAGES = 128 * 64 * 64, 32
-ROUNDS, RUNS, SESSIONS = 10, 10, 2  # timing: rounds x runs per model, interleaved; sessions per model
+ROUNDS, MIN_RUNS, SESSIONS = 10, 10, 2  # timing: rounds x runs per model, interleaved; sessions per model
+ROUND_MS = 20.0  # at least this long per model and round: 31 runs a round for mobilenet_v3_small at 64 px
 MAX_STEPS = 200
 
 
@@ -84,15 +88,18 @@ class LatencySearch:
         self._saved: dict[str, tuple[tuple, float, float]] = {}  # group -> (shapes, ms saved, noise floor)
         self._tmp = tempfile.TemporaryDirectory()
         self.base_sessions = self.sessions = self._load(self.model)
+        self.runs = MIN_RUNS
+        ((base_ms, _),) = self._time([self.base_sessions], rounds=1)
+        self.runs = max(MIN_RUNS, math.ceil(ROUND_MS / base_ms))
 
     def _load(self, model: nn.Module) -> list[OrtCpu]:
         path = Path(self._tmp.name) / "candidate.onnx"
         export(model, path, ExportConfig(simplify=False), self.size)
         return [OrtCpu(path.read_bytes(), threads=1) for _ in range(SESSIONS)]
 
-    def _time(self, models: list[list[OrtCpu]]) -> list[tuple[float, float]]:
+    def _time(self, models: list[list[OrtCpu]], rounds: int = ROUNDS) -> list[tuple[float, float]]:
         """(mean, spread) over each model's sessions of its fastest batch-1 run, all timed interleaved (ms)."""
-        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, ROUNDS, RUNS)
+        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, rounds, self.runs)
         per_model = [best[i : i + SESSIONS] for i in range(0, len(best), SESSIONS)]
         return [(sum(b) / len(b), max(b) - min(b)) for b in per_model]
 
@@ -151,14 +158,14 @@ class LatencySearch:
         dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, p.idxs).prune()
         return model
 
-    def _time_savings(self, proposals: list[_Proposal]) -> dict[str, tuple[nn.Module, list[OrtCpu]]]:
+    def _time_savings(self, proposals: list[_Proposal], rounds: int) -> dict[str, tuple[nn.Module, list[OrtCpu]]]:
         """Time the proposals whose layers changed since they were last timed, against the current model."""
         built = {}
         for p in proposals:
             if self._saved.get(p.group, (None,))[0] != p.shapes:
                 model = self._pruned(p)
                 built[p.group] = (model, self._load(model))
-        (current, spread), *timed = self._time([self.sessions] + [s for _, s in built.values()])
+        (current, spread), *timed = self._time([self.sessions] + [s for _, s in built.values()], rounds)
         # A saving counts when it exceeds the spread of the current model's sessions and 0.5% of its latency:
         # two sessions of one model differ by up to 1.5% here (see the module docstring).
         floor = max(spread, 0.005 * current)
@@ -167,11 +174,11 @@ class LatencySearch:
             self._saved[group] = (shapes[group], current - ms, floor)
         return built
 
-    def step(self) -> dict | None:
+    def step(self, rounds: int = ROUNDS) -> dict | None:
         """Prune the group that costs least KL per ms saved; its record, or None when no group saves measurable time."""
         start = time.perf_counter()
         proposals = self._proposals()
-        built = self._time_savings(proposals)
+        built = self._time_savings(proposals, rounds)
         best = None
         for p in proposals:
             _, saved, floor = self._saved[p.group]
@@ -182,9 +189,11 @@ class LatencySearch:
             score = (kl - self.kl) / saved
             if best is None or score < best[0]:
                 best = (score, p, model, saved, kl)
-        if best is None and len(built) < len(proposals):
-            self._saved.clear()  # savings timed at earlier steps were all too small: time every group again
-            return self.step()
+        if best is None and (len(built) < len(proposals) or rounds == ROUNDS):
+            # No saving counts: those timed at earlier steps may be stale and this timing may have been disturbed,
+            # so time every group again, once more with twice the rounds
+            self._saved.clear()
+            return self.step(rounds if len(built) < len(proposals) else 2 * rounds)
         if best is None:
             return None
         score, chosen, model, saved, kl = best
@@ -236,7 +245,7 @@ def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> 
     record = {"mode": "latency", "latency_budget": cfg.latency_budget, "latency_step": cfg.latency_step,
         "latency_before_ms": round(base_ms, 4), "latency_after_ms": round(ms, 4),
         "latency_ratio": round(ms / base_ms, 4),
-        "latency_measured": f"batch 1, 1 ORT CPU thread, fastest of {ROUNDS} rounds x {RUNS} runs interleaved, "
+        "latency_measured": f"batch 1, 1 ORT CPU thread, fastest of {ROUNDS} rounds x {search.runs} runs interleaved, "
                             f"mean of {SESSIONS} sessions",
         "proxy": f"KL(unpruned || pruned) on {len(search.images)} calibration images after BatchNorm re-estimation",
         "kl": search.kl, "steps": search.steps, "seconds": round(time.perf_counter() - start, 1),
