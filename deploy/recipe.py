@@ -76,7 +76,7 @@ class QATConfig(_Strict):
 
     # auto: only when post-training quantization misses a verify threshold and --train images are given
     mode: Literal["auto", "on", "off"] = "auto"
-    epochs: int = Field(1, gt=0)  # measured with 1 epoch of 10,000 images (see lr)
+    epochs: int = Field(1, gt=0)  # measured with 1 epoch of 10,000 images (see lr); the CIFAR-10 B0 recipe needs 2
     # start of a cosine schedule; the optimizer and augmentation are train's. None = train.lr / 10: 0.02 for the
     # SGD peak 0.2 of mobilenet_v3_small, where it and temperature 4 measured better than 0.001 and 1 (CIFAR-10,
     # tensorrt, 1 epoch: top-1 drop 0.80 -> -0.15 vs 0.20); an AdamW recipe's lower peak scales it down (0.02

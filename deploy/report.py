@@ -207,7 +207,8 @@ def _int8_steps(r: dict) -> list[str]:
     if qat := r.get("qat"):
         lines.append(f"- QAT ({qat['reason']}): {len(qat['history'])} epochs; post-training int8 "
                      f"{figures(qat['ptq'])} -> after QAT {figures(qat['int8'])}"
-                     + ("; worse, so the post-training model was kept." if qat.get("kept") else "."))  # fmt: skip
+                     + ("; worse, so the post-training model was kept." if qat.get("kept") else
+                        " (calibrated again, without bias correction: QAT learned the biases under quantization)."))  # fmt: skip
     if mp := r.get("mixed_precision"):
         if mp.get("error"):
             lines.append(f"- Mixed precision failed: {_cell(mp['error'])}.")

@@ -161,6 +161,9 @@ def test_build_with_qat_quantizes_the_fine_tuned_model(tmp_path, small_recipe, t
     out, r = _qat_build(tmp_path, small_recipe, tiny_folder, target)
     names = [s["name"] for s in r["stages"]]
     assert names.index("quantize") < names.index("qat") < names.index("quantize_qat") < names.index("verify")
+    # bias correction for the post-training model only: QAT learned its biases under fake quantization
+    assert "bias_correction" in names[: names.index("qat")] and "bias_correction" not in names[names.index("qat") :]
+    assert "bias_correction" not in r
     assert len(r["qat"]["history"]) == 1 and r["qat"]["reason"] == "quantize.qat: on"
     assert set(r["qat"]["ptq"]) >= {"agreement", "top1_drop"} and set(r["qat"]["int8"]) >= {"agreement", "top1_drop"}
     # the int8 model is the fine-tuned one: verify's figures are QAT's, against the original fp32 model
@@ -173,5 +176,6 @@ def test_build_keeps_post_training_int8_when_qat_makes_it_worse(tmp_path, small_
     out, r = _qat_build(tmp_path, small_recipe, tiny_folder, "ort-cpu", lr=50.0)  # a step this size wrecks the weights
     assert r["qat"]["int8"]["agreement"] < r["qat"]["ptq"]["agreement"] and r["qat"]["kept"] == "post-training"
     assert r["accuracy"]["agreement"] == r["qat"]["ptq"]["agreement"]  # verify measured the restored model
+    assert r["bias_correction"]["layers"] > 0  # the restored model's record
     assert r["quantize"]["source"] != "model.fp32.onnx" or not (out / "model.fp32.prepared.onnx").exists()
     assert any("QAT made int8 worse" in w for w in r["warnings"])
