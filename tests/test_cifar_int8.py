@@ -16,7 +16,7 @@ from deploy.runtimes.ort import exact_int8_kernels
 ROOT = Path(__file__).resolve().parents[1]
 # model -> fp32 top-1 floor on the test set (the checkpoint's measured accuracy, rounded down; checkpoints/README.md)
 MODELS = {"mobilenet_v3_small": 80.0, "mobilenet_v2": 81.0, "shufflenet_v2_x1_0": 78.0, "efficientnet_b0": 64.0}
-NEEDS_QAT = {"efficientnet_b0"}  # 2 epochs of 10,000 images: ~10 min a target on 2 cores, so marked slow
+NEEDS_QAT = {"efficientnet_b0"}  # 2 epochs of 10,000 images: ~11 min a target on 2 cores, so marked slow
 pytestmark = pytest.mark.data
 
 
