@@ -88,8 +88,7 @@ class LatencySearch:
         self._saved: dict[str, tuple[tuple, float, float]] = {}  # group -> (shapes, ms saved, noise floor)
         self._tmp = tempfile.TemporaryDirectory()
         self.base_sessions = self.sessions = self._load(self.model)
-        self.runs = MIN_RUNS
-        ((base_ms, _),) = self._time([self.base_sessions], rounds=1)
+        base_ms = min(interleaved_best_ms(self.base_sessions, (3, input_size, input_size), 1, 1, MIN_RUNS))
         self.runs = max(MIN_RUNS, math.ceil(ROUND_MS / base_ms))
 
     def _load(self, model: nn.Module) -> list[OrtCpu]:
@@ -189,11 +188,11 @@ class LatencySearch:
             score = (kl - self.kl) / saved
             if best is None or score < best[0]:
                 best = (score, p, model, saved, kl)
-        if best is None and (len(built) < len(proposals) or rounds == ROUNDS):
+        if best is None and rounds == ROUNDS:
             # No saving counts: those timed at earlier steps may be stale and this timing may have been disturbed,
-            # so time every group again, once more with twice the rounds
+            # so time every group again, with twice the rounds
             self._saved.clear()
-            return self.step(rounds if len(built) < len(proposals) else 2 * rounds)
+            return self.step(2 * rounds)
         if best is None:
             return None
         score, chosen, model, saved, kl = best
