@@ -100,7 +100,10 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def recorded_widths(path: Path) -> dict | None:
     """The layer widths a pruned checkpoint records (`deploy_widths`), or None."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint reports what is wrong with the file
+        return None
     return obj.get("deploy_widths") if isinstance(obj, dict) else None
 
 

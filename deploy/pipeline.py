@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, data, int8, models, report
+from . import __version__, data, int8, models, output, report
 from .console import info, warn
 from .errors import DeployError, ThresholdMissed
 from .recipe import Recipe
@@ -104,32 +102,13 @@ def build(recipe: Recipe, opts: BuildOptions) -> dict:
     the complete output when a recipe threshold is missed."""
     verify_trt.preflight(recipe)
     out = (opts.out or default_out(recipe)).resolve()
-    if out.exists() and not opts.force:
-        raise DeployError(f"output directory {out} exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with output.replacing(out, opts.force) as tmp:
         b = Build(recipe, tmp)
-        _run(b, opts, previous=out if out.is_dir() else None)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _run(b, opts, previous=out if output.is_build(out) else None)
     info(f"wrote {out}/report.md")
     if b.report["failures"]:
         raise ThresholdMissed("; ".join(b.report["failures"]))
     return b.report
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move `new` to `dest`; an existing `dest` is swapped out first so no half-written folder is ever at `dest`."""
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
@@ -161,6 +140,7 @@ def _run(b: Build, opts: BuildOptions, previous: Path | None) -> None:
         b.calibration = data.calibration_data(opts.calib, pre, q.calibration.samples, q.calibration.seed, heldout)
         if opts.val:
             b.validation = data.labeled_set(opts.val, pre, r.model.num_classes)
+            b.report["validation"] = {"images": len(b.validation), "class_mapping": b.validation.class_mapping}
         b.report["calibration"] = {k: v for k, v in b.calibration.manifest.items() if k != "files"}
         (b.workdir / "calibration.json").write_text(_json(b.calibration.manifest))
         skipped = len(b.calibration.calib.skipped) + (len(b.validation.skipped) if b.validation else 0)
@@ -240,6 +220,10 @@ def _verify(b: Build, threads: int | None) -> None:
     b.report["accuracy"] = acc = b.evaluate(threads)
     if "reference" in acc:
         b.warn(_saturation_warning(acc))
+    chance = 100.0 / r.model.num_classes
+    if "fp32" in acc and acc["fp32"]["top1"] < chance:
+        b.warn(f"fp32 top-1 {acc['fp32']['top1']:.2f}% is below chance ({chance:.2f}%): do the validation folders "
+               f"name the model's classes? ({b.validation.class_mapping})")  # fmt: skip
     b.report["failures"] += verify.missed_thresholds(v, acc)
 
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)

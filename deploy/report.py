@@ -42,7 +42,7 @@ def write(report: dict, out: Path) -> None:
     plot = _latency_plot(report, out / "latency.png")
     if report.get("sensitivity"):  # deploy/sensitivity.py's figures, when the build computed them
         report["sensitivity"]["plot"] = sensitivity_plot(report["sensitivity"], out / "sensitivity.png", report["model"])
-    report["files"] = sorted({p.name for p in out.iterdir()} | {"report.json", "report.md"})
+    report["files"] = sorted({p.name for p in out.iterdir() if not p.name.startswith(".")} | {"report.json", "report.md"})
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown(report, plot))
 

@@ -152,7 +152,10 @@ def fit(model: nn.Module, dataset, cfg: TrainConfig, loss_fn: Loss, *, val=None,
     if resume:
         if out is None or not state_path(out).is_file():
             raise DeployError(f"nothing to resume: {state_path(out) if out else 'no --out'} not found")
-        st = torch.load(state_path(out), map_location=device, weights_only=False)
+        try:  # tensors, numbers and dicts only: a planted pickle must not run (weights_only)
+            st = torch.load(state_path(out), map_location=device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - corrupt files and refused pickles raise many types
+            raise DeployError(f"cannot resume from {state_path(out)}: {str(err).splitlines()[0][:200]}") from None
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])

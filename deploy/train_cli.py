@@ -24,6 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="DataLoader worker processes")
     p.add_argument("--resume", action="store_true", help="continue from the state saved next to --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,8 +34,13 @@ def run(args: argparse.Namespace) -> int:
     from . import models
     from . import recipe as recipes
     from .console import info
+    from .errors import DeployError
     from .train import device_for, eval_transform, fit, image_folder, subset, train_transform
 
+    if args.out.exists() and not (args.force or args.resume):
+        raise DeployError(f"{args.out} exists; pass --force to replace it (or --resume to continue its training)")
+    if args.out.is_dir():
+        raise DeployError(f"--out {args.out} is a folder; give the checkpoint's file name")
     recipe = recipes.load(args.model)
     overrides = {"model.num_classes": args.num_classes, "model.weights": args.weights, "train.epochs": args.epochs,
                  "train.batch_size": args.batch_size, "train.lr": args.lr, "train.optimizer": args.optimizer,

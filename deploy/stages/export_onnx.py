@@ -55,6 +55,10 @@ def import_onnx(src: Path, dst: Path) -> str:
         raise DeployError(f"{src} is not a valid ONNX model: {str(err).splitlines()[0][:200]}") from None
     if len(proto.graph.input) != 1 or len(proto.graph.input[0].type.tensor_type.shape.dim) != 4:
         raise DeployError(f"{src}: expected one NCHW image input, found {len(proto.graph.input)} inputs")
+    elem = proto.graph.input[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise DeployError(f"{src}: the input is {onnx.TensorProto.DataType.Name(elem).lower()}, expected float "
+                          "(export the model with the normalization inside or a float input)")  # fmt: skip
     if proto.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
         raise DeployError(f"{src}: the batch dimension is fixed; export it with a dynamic batch axis")
     onnx.save(proto, str(dst))

@@ -81,7 +81,8 @@ def pad_depthwise(model: onnx.ModelProto, multiple: int = MULTIPLE) -> dict[str,
         found = _region(gr, node.input[0])
         channels = gr.const(node.input[1]).shape[0]
         # every conv of the region has `channels` on the side that touches it (else it is not one we understand)
-        convs = [*(("dw", n) for n in found[0] if _kind(gr, nodes[n]) == "dw"), *found[1]] if found else []
+        # sorted: set order changes between processes, and the padded graph must be byte-reproducible
+        convs = [*(("dw", n) for n in sorted(found[0]) if _kind(gr, nodes[n]) == "dw"), *sorted(found[1])] if found else []
         if not convs or any(gr.const(nodes[n].input[1]).shape[side == "in"] != channels for side, n in convs):
             continue
         extra = -channels % multiple
