@@ -8,7 +8,7 @@
   evaluated on 2000 images of DIR/test drawn with a seed.
 
 Each count is crossed with each method (minmax, percentile, entropy: onnxruntime's; mse: our range search,
-deploy/stages/mse_calibration.py) through deploy.stages.quantize with the model's recipe otherwise unchanged.
+deploy/stages/mse_calibration.py) through deploy.stages.int8.quantize with the model's recipe otherwise unchanged.
 Prints top-1 drop, top-1 agreement with fp32 and logit SQNR, with exact Q/DQ arithmetic (what TensorRT and
 VNNI/AMX CPUs compute) and on this CPU's ORT kernels, and the quantization time.
 """
@@ -24,7 +24,9 @@ import numpy as np
 
 from deploy import data, models, recipe
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import export_onnx, fold_bn, quantize, verify
+from deploy import metrics
+from deploy.stages import export_onnx, fold_bn
+from deploy.stages.int8 import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +47,8 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: data.ImageSet, cou
     model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
     fp32 = work / f"{name}.onnx"
     export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
-    ref = verify.logits(OrtCpu(fp32), val.inputs, 64, f"{name} fp32")
-    fp32_top1 = verify.accuracy(ref, val.labels)["top1"]
+    ref = metrics.logits(OrtCpu(fp32), val.inputs, 64, f"{name} fp32")
+    fp32_top1 = metrics.accuracy(ref, val.labels)["top1"]
     pre = data.Preprocessor(r.preprocess)
     rows = []
     for n in counts:
@@ -60,8 +62,8 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: data.ImageSet, cou
             row = {"model": name, "images": len(calib), "method": info["calibration"]["method_used"],
                    "seconds": time.perf_counter() - start, "fp32": fp32_top1}  # fmt: skip
             for how, exact in (("exact", True), ("kernels", False)):
-                got = verify.logits(OrtCpu(out, reference=exact), val.inputs, 64, f"{name} {n} {method} {how}")
-                row[how] = verify.compare(ref, got, val.labels)
+                got = metrics.logits(OrtCpu(out, reference=exact), val.inputs, 64, f"{name} {n} {method} {how}")
+                row[how] = metrics.compare(ref, got, val.labels)
             rows.append(row)
             print(f"  {name} {len(calib):5d} {method:10s} agreement {row['exact']['agreement']:.2f}% "
                   f"({row['seconds']:.0f} s)", flush=True)

@@ -23,9 +23,11 @@ import torch
 from deploy import data, models, recipe
 from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import export_onnx, fold_bn, quantize, verify
-from deploy.stages.bias_correction import correct_bias
-from deploy.stages.equalize import equalize
+from deploy import metrics
+from deploy.stages import export_onnx, fold_bn
+from deploy.stages.int8 import quantize
+from deploy.stages.int8.bias_correction import correct_bias
+from deploy.stages.int8.equalize import equalize
 
 VARIANTS = {  # name: ((CLE pairs, relu6) or None, bias correction)
     "plain": (None, False),
@@ -57,7 +59,7 @@ def main() -> None:
         model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
         fp32 = work / "fp32.onnx"
         export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
-        ref = verify.logits(OrtCpu(fp32), val.inputs, 32, "fp32")
+        ref = metrics.logits(OrtCpu(fp32), val.inputs, 32, "fp32")
         for target in args.targets.split(","):
             cfg = recipe.override(r, {"quantize.enabled": True, "quantize.target": target}).quantize
             for name in args.variants.split(","):
@@ -78,8 +80,8 @@ def main() -> None:
                     row["bc_s"] = correct_bias(source, q, calib, out, images=args.bc_images)["seconds"]
                     q = out
                 for kind, exact in (("exact", True), ("kernels", False)):
-                    got = verify.logits(OrtCpu(q, reference=exact), val.inputs, 32, f"{name} {kind}")
-                    row[kind] = verify.compare(ref, got, val.labels)
+                    got = metrics.logits(OrtCpu(q, reference=exact), val.inputs, 32, f"{name} {kind}")
+                    row[kind] = metrics.compare(ref, got, val.labels)
                 if target == "ort-cpu":
                     speed[name] = q
                 rows.append(row)
@@ -90,7 +92,7 @@ def main() -> None:
 
     print(f"\nEfficientNet-Lite0, {len(calib)} calibration images ({r.quantize.calibration.method}), {len(val)} "
           f"validation images, bias correction on {args.bc_images}; fp32 top-1 "
-          f"{verify.accuracy(ref, val.labels)['top1']:.2f}%; exact int8 kernels on this CPU: {exact_int8_kernels()}")
+          f"{metrics.accuracy(ref, val.labels)['top1']:.2f}%; exact int8 kernels on this CPU: {exact_int8_kernels()}")
     for (pairs, relu6), rec in cle.items():
         spread = rec["range_spread"]["conv1_out"]
         print(f"CLE pairs={pairs} relu6={relu6}: {rec['pairs']} pairs {rec['kinds']}, {rec['per_channel_min']} "

@@ -36,7 +36,9 @@ import torch
 from deploy import data, models, qdq_check, recipe
 from deploy.runtimes.base import interleaved_times
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import export_onnx, fold_bn, pad_channels, quantize, verify
+from deploy import metrics
+from deploy.stages import export_onnx, fold_bn
+from deploy.stages.int8 import pad_channels, quantize
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mobilenet_v3_small_cifar10.pth"
 CIFAR_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"
@@ -96,20 +98,20 @@ def timings(paths: list[Path], size: int, threads: int, rounds: int, batch32: bo
 
 
 def accuracy(paths: dict[str, Path], fp32: Path, images: np.ndarray, labels: np.ndarray) -> dict[str, dict]:
-    ref = verify.accuracy(verify.logits(OrtCpu(fp32), images, 100, "fp32"), labels)["top1"]
+    ref = metrics.accuracy(metrics.logits(OrtCpu(fp32), images, 100, "fp32"), labels)["top1"]
     out = {"fp32": {"top1": ref, "top1_exact": ref}}
     for label, path in paths.items():
-        got = verify.logits(OrtCpu(path), images, 100, label.strip())
-        exact = verify.logits(OrtCpu(path, reference=True), images, 100, label.strip() + " (exact)")
-        out[label] = {"top1": verify.accuracy(got, labels)["top1"],
-                      "top1_exact": verify.accuracy(exact, labels)["top1"]}  # fmt: skip
+        got = metrics.logits(OrtCpu(path), images, 100, label.strip())
+        exact = metrics.logits(OrtCpu(path, reference=True), images, 100, label.strip() + " (exact)")
+        out[label] = {"top1": metrics.accuracy(got, labels)["top1"],
+                      "top1_exact": metrics.accuracy(exact, labels)["top1"]}  # fmt: skip
         out[label]["drop"] = ref - out[label]["top1"]
         out[label]["drop_exact"] = ref - out[label]["top1_exact"]
     return out
 
 
 def tensorrt_forms(fp32: Path, calib: np.ndarray, r: recipe.Recipe, images, labels, work: Path) -> None:
-    ref = verify.accuracy(verify.logits(OrtCpu(fp32), images, 100, "fp32"), labels)["top1"]
+    ref = metrics.accuracy(metrics.logits(OrtCpu(fp32), images, 100, "fp32"), labels)["top1"]
     print("\n| tensorrt target, CIFAR-10 64x64 | Q/DQ nodes | Q/DQ-rule errors | lost-fusion warnings | top-1 exact "
           "| drop |")
     print("|---|---|---|---|---|---|")
@@ -121,7 +123,7 @@ def tensorrt_forms(fp32: Path, calib: np.ndarray, r: recipe.Recipe, images, labe
         model = onnx.load(str(out))
         found = qdq_check.check(model)
         qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
-        top1 = verify.accuracy(verify.logits(OrtCpu(out, reference=True), images, 100, label), labels)["top1"]
+        top1 = metrics.accuracy(metrics.logits(OrtCpu(out, reference=True), images, 100, label), labels)["top1"]
         print(f"| {label} | {qdq} | {sum(v.severity == 'error' for v in found)} | "
               f"{sum(v.severity == 'warning' for v in found)} | {top1:.2f} | {ref - top1:.2f} |")
 
@@ -129,7 +131,7 @@ def tensorrt_forms(fp32: Path, calib: np.ndarray, r: recipe.Recipe, images, labe
 def other_models(names: list[str], size: int, threads: int, rounds: int, work: Path) -> None:
     """The float_stem rule and depthwise padding against measurement on other models."""
     from deploy.errors import DeployError
-    from deploy.stages import qdq_placement
+    from deploy.stages.int8 import qdq_placement
 
     print(f"\n| model ({size}x{size}, batch 1, {threads} thread(s)) | float_stem rule | fp32 p50 ms | int8 stem "
           "| float stem | build default (rule + padded depthwise) | depthwise convs padded |\n|---|---|---|---|---|---|---|")

@@ -29,10 +29,11 @@ import torch
 
 from deploy import data, models, recipe
 from deploy.errors import DeployError
-from deploy.pipeline import BuildOptions, build
+from deploy.core.context import BuildOptions
+from deploy.core.runner import build
 from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy.stages import verify
+from deploy import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 INT8_STAGES = {"equalize", "quantize", "bias_correction", "qat", "quantize_qat", "mixed_precision"}
@@ -57,7 +58,7 @@ def _ours(r: recipe.Recipe, opts: BuildOptions, overrides: dict) -> tuple[Path, 
     """(fp32 ONNX, int8 ONNX, seconds of the int8 stages) of a real build."""
     r = recipe.override(r, {"quantize.enabled": True, "verify.max_top1_drop": None, "verify.latency.runs": 5,
                             **overrides})  # fmt: skip
-    report = build(r, opts)
+    report, _ = build(r, opts)
     seconds = sum(s["seconds"] for s in report["stages"] if s["name"] in INT8_STAGES)
     return opts.out / "model.fp32.onnx", opts.out / "model.int8.onnx", seconds
 
@@ -88,13 +89,13 @@ def bench_model(label: str, r: recipe.Recipe, calib_dir: Path, val: data.ImageSe
     for (name, (path, seconds)), ms1, ms32 in zip(variants.items(), b1, b32):
         row = {"model": label, "variant": name, "ms": ms1, "ips": 32e3 / ms32, "build_s": seconds}
         if val is not None:
-            exact = verify.logits(OrtCpu(path, reference=True), val.inputs, 64, name)
+            exact = metrics.logits(OrtCpu(path, reference=True), val.inputs, 64, name)
             ref = exact if name == "fp32" else ref
-            agreement = verify.compare(ref, exact, None)["agreement"]
-            row.update(top1=verify.accuracy(exact, val.labels)["top1"], agreement=agreement)
+            agreement = metrics.compare(ref, exact, None)["agreement"]
+            row.update(top1=metrics.accuracy(exact, val.labels)["top1"], agreement=agreement)
             if not exact_int8_kernels():
-                kernels = verify.logits(OrtCpu(path), val.inputs, 64, name)
-                row["top1_kernels"] = verify.accuracy(kernels, val.labels)["top1"]
+                kernels = metrics.logits(OrtCpu(path), val.inputs, 64, name)
+                row["top1_kernels"] = metrics.accuracy(kernels, val.labels)["top1"]
         rows.append(row)
     return rows
 

@@ -29,6 +29,8 @@ class ImageSet:
     labels: np.ndarray | None
     files: list[str]
     skipped: list[str] = field(default_factory=list)
+    class_mapping: str | None = None  # how folder names became class indices (labeled sets)
+    classes: list[str] | None = None  # class names in class-index order (labeled sets)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -65,11 +67,13 @@ def list_images(root: Path, what: str) -> list[Path]:
 
 
 def _read(path: Path) -> Image.Image | None:
+    """The decoded image, or None when unreadable or over the image limits (deploy.images)."""
+    from .serving.images import Limits, open_image
+
+    limits = Limits.from_env()  # a bad setting is an error, not a reason to skip every image
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except (OSError, ValueError, Image.DecompressionBombError):
+        return open_image(path, str(path), limits)
+    except DeployError:
         return None
 
 
@@ -118,8 +122,13 @@ def labeled_set(root: Path, pre: Preprocessor, num_classes: int) -> ImageSet:
         unknown = [d for d in dirs if d not in index]
         if unknown:
             raise DeployError(f"{root}: folder {unknown[0]} is not an ILSVRC-2012 synset")
+        mapping = f"{len(dirs)} folders named by ImageNet synset, mapped to the ILSVRC-2012 class index"
+        classes = class_names(1000)
     elif len(dirs) == num_classes:
         index = {d: i for i, d in enumerate(dirs)}
+        shown = ", ".join(f"{d}={i}" for d, i in list(index.items())[:12]) + (", ..." if len(dirs) > 12 else "")
+        mapping = f"{len(dirs)} folders numbered in sorted order: {shown}"
+        classes = dirs
     else:
         raise DeployError(
             f"{root} has {len(dirs)} class folders but the model has {num_classes} classes; "
@@ -127,7 +136,7 @@ def labeled_set(root: Path, pre: Preprocessor, num_classes: int) -> ImageSet:
         )
     inputs, kept, skipped = preprocess(paths, pre, "validation")
     labels = np.array([index[paths[i].parent.name] for i in kept], dtype=np.int64)
-    return ImageSet(inputs, labels, [str(paths[i]) for i in kept], skipped)
+    return ImageSet(inputs, labels, [str(paths[i]) for i in kept], skipped, mapping, classes)
 
 
 def sha256(path: Path) -> str:
@@ -141,6 +150,15 @@ class CalibrationData:
     manifest: dict
 
 
+def heldout_count(available: int, samples: int, heldout: int, what: str) -> int:
+    """How many of `available` calibration images are held out to compare int8 with fp32 (no validation set)."""
+    n = min(heldout, max(available - samples, available // 5))
+    if heldout and not n:
+        raise DeployError(f"{what} has {available} images: too few to hold any out for comparing int8 with fp32; "
+                          "add images (5 or more) or pass --val DIR")  # fmt: skip
+    return n
+
+
 def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: int, heldout: int) -> CalibrationData:
     """Sample `samples` images from `root` with `seed` (and `heldout` other ones when > 0).
 
@@ -150,7 +168,7 @@ def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: i
         return _builtin(pre, samples, seed, heldout > 0)
     paths = list_images(root, "calibration")
     order = np.random.default_rng(seed).permutation(len(paths))
-    n_hold = min(heldout, max(len(paths) - samples, len(paths) // 5))
+    n_hold = heldout_count(len(paths), samples, heldout, f"calibration directory {root}")
     hold, calib = order[:n_hold], order[n_hold : n_hold + samples]
     calib_paths = sorted(paths[i] for i in calib)
     inputs, kept, skipped = preprocess(calib_paths, pre, "calibration")

@@ -8,8 +8,6 @@ closed form for depthwise-separable convolutions.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -53,55 +51,6 @@ WIDTH_FAMILIES = {
     "mnasnet1_0": _mnasnet,
     "efficientnet_lite0": _efficientnet_lite0,
 }
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("explore", help="width x resolution grid: params, MACs, fp32/int8 latency, plot")
-    p.set_defaults(func=run)
-    p.add_argument("model", help=f"one of {', '.join(WIDTH_FAMILIES)}")
-    p.add_argument("--width", type=_floats, default=[0.5, 0.75, 1.0], help="width multipliers α (default 0.5,0.75,1)")
-    p.add_argument("--resolution", type=_floats, default=[128, 160, 224], help="input sizes (default 128,160,224)")
-    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 models")
-    p.add_argument("--runs", type=int, default=50, help="batch-1 latency runs per model (default 50)")
-    p.add_argument("--samples", type=int, default=32, help="calibration images for int8 (default 32)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--threads", type=int, help="runtime threads (default: all cores)")
-    p.add_argument("--out", type=Path, help="folder for explore.json/.md/.png (default build/explore/<model>)")
-    p.add_argument("--weights", help="checkpoint per width, with {width} in the path (e.g. w{width}.pth): adds "
-                                     "top-1 on --val at every resolution")  # fmt: skip
-    p.add_argument("--val", type=Path, help="labeled validation images (one subfolder per class), with --weights")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.runs <= 0 or args.samples <= 0 or args.num_classes <= 0:
-        raise DeployError("--runs, --samples and --num-classes must be positive")
-    res = [int(r) for r in args.resolution]
-    if any(r < 32 or r != f for r, f in zip(res, args.resolution)):
-        raise DeployError("--resolution takes whole pixel sizes of at least 32")
-    if bool(args.weights) != bool(args.val):
-        raise DeployError("accuracy needs both --weights (with {width} in the path) and --val")
-    if args.weights and "{width}" not in args.weights:
-        raise DeployError("--weights must contain {width}: each width needs its own trained checkpoint")
-    result = explore(args.model, args.width, res, args.int8, args.runs, args.samples, args.num_classes, args.threads,
-                     args.weights, args.val)  # fmt: skip
-    out = args.out or Path("build") / "explore" / args.model
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "explore.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "explore.png")
-    (out / "explore.md").write_text(markdown(result, "explore.png"))
-    print(table(result))
-    print(f"\nwrote {out}/explore.json, explore.md and explore.png")
-    return 0
 
 
 def explore(name: str, widths: list[float], resolutions: list[int], int8: bool = True, runs: int = 50,
@@ -169,7 +118,7 @@ def _p50(rt, res: int, runs: int) -> float:
 def _int8(fp32: Path, r, res: int, samples: int) -> Path:
     """The ort-cpu int8 QDQ model of `fp32`, calibrated on the built-in photos at this resolution."""
     from . import data
-    from .stages import quantize
+    from .stages.int8 import quantize
 
     pre = data.Preprocessor(r.preprocess.model_copy(update={"input_size": res, "resize": round(res * 256 / 224)}))
     calib = data.calibration_data(None, pre, samples, 0, 0).calib.inputs[:samples]  # built-in set: all its views
@@ -183,13 +132,13 @@ def _top1(fp32: Path, int8: Path | None, r, res: int, val: Path, num_classes: in
     """fp32 (and int8) top-1 on `val`, preprocessed at this resolution."""
     from . import data
     from .runtimes.ort import OrtCpu
-    from .stages import verify
+    from . import metrics
 
     pre = data.Preprocessor(r.preprocess.model_copy(update={"input_size": res, "resize": round(res * 256 / 224)}))
     images = data.labeled_set(val, pre, num_classes)
-    out = {"fp32_top1": verify.accuracy(verify.logits(OrtCpu(fp32, threads), images.inputs, 32, "fp32"), images.labels)["top1"]}
+    out = {"fp32_top1": metrics.accuracy(metrics.logits(OrtCpu(fp32, threads), images.inputs, 32, "fp32"), images.labels)["top1"]}
     if int8:
-        out["int8_top1"] = verify.accuracy(verify.logits(OrtCpu(int8, threads), images.inputs, 32, "int8"), images.labels)["top1"]
+        out["int8_top1"] = metrics.accuracy(metrics.logits(OrtCpu(int8, threads), images.inputs, 32, "int8"), images.labels)["top1"]
     return out
 
 

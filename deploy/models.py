@@ -23,11 +23,13 @@ def build(spec: ModelSpec) -> nn.Module:
             torch.manual_seed(0)
             return architecture(spec).eval()
     model = architecture(spec)
+    if spec.source == "python" and not spec.weights:  # the factory made (and may have loaded) the model
+        return model.eval()
     if spec.weights:
         state = load_checkpoint(Path(spec.weights))
         origin = spec.weights
         if widths := recorded_widths(Path(spec.weights)):  # a pruned checkpoint: resize the layers first
-            from .stages.prune import apply_widths
+            from .stages.prune.groups import apply_widths
 
             apply_widths(model, widths)
     elif spec.num_classes != 1000:
@@ -43,6 +45,8 @@ def build(spec: ModelSpec) -> nn.Module:
 def architecture(spec: ModelSpec) -> nn.Module:
     if spec.source == "onnx":
         raise DeployError(f"{spec.weights} is an ONNX file; this needs a PyTorch model (a registered name or recipe)")
+    if spec.source == "python":
+        return _from_factory(spec)
     if spec.source == "deploy":
         from .mobilenet_v1 import MobileNetV1
 
@@ -56,6 +60,32 @@ def architecture(spec: ModelSpec) -> nn.Module:
     import timm
 
     return timm.create_model(spec.builder, pretrained=False, num_classes=spec.num_classes)
+
+
+def _from_factory(spec: ModelSpec) -> nn.Module:
+    """The user's model from `model.factory` ("package.module:function"), imported with the current folder on
+    the path (as `python -m` and uvicorn do)."""
+    import importlib
+    import sys
+
+    if not spec.factory or ":" not in spec.factory:
+        raise DeployError(f"model.source python needs model.factory as 'package.module:function', got {spec.factory!r}")
+    module_name, _, attr = spec.factory.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:  # noqa: BLE001 - ImportError, AttributeError, or whatever the module raises on import
+        raise DeployError(f"model.factory {spec.factory!r} does not import: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None  # fmt: skip
+    finally:
+        sys.path.remove(str(Path.cwd()))
+    try:
+        model = factory(**spec.kwargs)
+    except Exception as err:  # noqa: BLE001 - the user's code
+        raise DeployError(f"model.factory {spec.factory} raised {type(err).__name__}: {str(err)[:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise DeployError(f"model.factory {spec.factory} returned {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def _pretrained(spec: ModelSpec) -> dict[str, torch.Tensor]:

@@ -22,14 +22,26 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """Which network to build and where its weights come from."""
 
-    name: str
-    # deploy: our own architectures (deploy/mobilenet_v1.py); onnx: an fp32 ONNX file given as `weights`
-    source: Literal["torchvision", "timm", "deploy", "onnx"]
-    arch: str | None = None  # builder name in the source library; defaults to `name`
-    num_classes: int = Field(1000, gt=0)
-    # checkpoint path; None = the source's pretrained ImageNet weights; "random" = random init (cost checks)
-    weights: str | None = None
-    width: float = Field(1.0, gt=0)  # width multiplier α, for source "deploy"
+    name: str = Field(description="Model name: the recipe's name and, unless `arch` is set, the builder's.")
+    source: Literal["torchvision", "timm", "deploy", "onnx", "python"] = Field(
+        description="Where the network comes from. deploy: our own architectures (deploy/mobilenet_v1.py); "
+        "onnx: an fp32 ONNX file given as `weights`; python: the user's own nn.Module, made by `factory` "
+        "(or passed to deploy.build)."
+    )
+    arch: str | None = Field(None, description="Builder name in the source library; None = `name`.")
+    factory: str | None = Field(
+        None,
+        description='Source python: "package.module:function" returning the nn.Module, called with `kwargs`; the '
+        "current folder is importable. It runs the user's code, as `python -m` would.",
+    )
+    kwargs: dict[str, Any] = Field({}, description="Keyword arguments for `factory` (source python).")
+    num_classes: int = Field(1000, gt=0, description="Number of output classes (logits).")
+    weights: str | None = Field(
+        None,
+        description='Checkpoint path (the ONNX file for source onnx); None = the source\'s pretrained ImageNet '
+        'weights; "random" = random init (cost checks).',
+    )
+    width: float = Field(1.0, gt=0, description='Width multiplier α, for source "deploy".')
 
     @property
     def builder(self) -> str:
@@ -39,105 +51,162 @@ class ModelSpec(_Strict):
 class Preprocess(_Strict):
     """Evaluation preprocessing: resize the short side, center-crop, normalize."""
 
-    resize: int = Field(256, gt=0)
-    input_size: int = Field(224, gt=0)
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: int = Field(256, gt=0, description="Short side after resizing, in pixels.")
+    input_size: int = Field(224, gt=0, description="Side of the square center crop fed to the model, in pixels.")
+    interpolation: Literal["bilinear", "bicubic"] = Field("bilinear", description="Resize interpolation.")
+    mean: tuple[float, float, float] = Field(
+        (0.485, 0.456, 0.406), description="Per-channel (RGB) mean subtracted from pixels scaled to [0, 1]."
+    )
+    std: tuple[float, float, float] = Field(
+        (0.229, 0.224, 0.225), description="Per-channel (RGB) standard deviation the pixels are divided by."
+    )
 
 
 class FoldBNConfig(_Strict):
-    enabled: bool = True
-    tolerance: float = Field(1e-4, gt=0)  # max |logit difference| / max |logit| allowed after folding
+    enabled: bool = Field(True, description="Fold BatchNorm layers into the preceding convolutions.")
+    tolerance: float = Field(
+        1e-4, gt=0, description="Max |logit difference| / max |logit| allowed after folding (relative)."
+    )
 
 
 class ExportConfig(_Strict):
-    opset: int = Field(17, ge=17)
-    # torchscript: fast (about 1 s), emits GlobalAveragePool/HardSwish that ORT's quantizer handles;
-    # dynamo: torch.export-based, about 20 s per model here.
-    exporter: Literal["torchscript", "dynamo"] = "torchscript"
-    simplify: bool = True
-    tolerance: float = Field(1e-4, gt=0)  # max |logit difference| / max |logit| PyTorch vs ORT
+    opset: int = Field(17, ge=17, description="ONNX opset version of the exported model.")
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript",
+        description="torchscript: fast, emits GlobalAveragePool/HardSwish that ORT's quantizer handles; "
+        "dynamo: torch.export-based, much slower.",
+    )
+    simplify: bool = Field(True, description="Simplify the exported graph (onnxslim).")
+    tolerance: float = Field(
+        1e-4, gt=0, description="Max |logit difference| / max |logit| allowed between PyTorch and ORT (relative)."
+    )
 
 
 class CalibrationConfig(_Strict):
-    # percentile measured best on EfficientNet-Lite0 over both targets (mean top-1 agreement with fp32
-    # 96.2% vs 95.8% for minmax, highest logit SQNR); see the README's calibration table.
-    # mse: per tensor, the range minimizing the int8 error over its histogram (deploy/stages/mse_calibration.py)
-    method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
-    percentile: float = Field(99.999, gt=90, le=100)
-    samples: int = Field(256, gt=0)
-    seed: int = 0
+    method: Literal["minmax", "percentile", "entropy", "mse"] = Field(
+        "percentile",
+        description="How activation ranges are chosen. percentile measured best on EfficientNet-Lite0 over both "
+        "targets (top-1 agreement with fp32, logit SQNR; see the README's calibration table); mse: per tensor, "
+        "the range minimizing the int8 error over its histogram (deploy/stages/int8/calibration.py).",
+    )
+    percentile: float = Field(
+        99.999, gt=90, le=100, description="Method percentile: the percentile of each activation histogram kept."
+    )
+    samples: int = Field(256, gt=0, description="Calibration images.")
+    seed: int = Field(0, description="Random seed for drawing the calibration images.")
 
 
 class QATConfig(_Strict):
-    """Quantization-aware training (deploy/stages/qat.py): fine-tuning with fake quantization for the target and
+    """Quantization-aware training (deploy/stages/int8/qat.py): fine-tuning with fake quantization for the target and
     the distillation loss toward the fp32 model; the int8 model is then quantized from the fine-tuned weights."""
 
-    # auto: only when post-training quantization misses a verify threshold and --train images are given
-    mode: Literal["auto", "on", "off"] = "auto"
-    epochs: int = Field(1, gt=0)  # measured with 1 epoch of 10,000 images (see lr); the CIFAR-10 B0 recipe needs 2
-    # start of a cosine schedule; the optimizer and augmentation are train's. None = train.lr / 10: 0.02 for the
-    # SGD peak 0.2 of mobilenet_v3_small, where it and temperature 4 measured better than 0.001 and 1 (CIFAR-10,
-    # tensorrt, 1 epoch: top-1 drop 0.80 -> -0.15 vs 0.20); an AdamW recipe's lower peak scales it down (0.02
-    # with AdamW made the CIFAR-10 EfficientNet-B0 diverge)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(64, gt=0)
-    images: int | None = Field(10000, gt=0)  # training images drawn per run (with train.seed); None = all
-    alpha: float = Field(1.0, ge=0, le=1)  # KD weight, as distill.alpha: 1 = match the fp32 model only
-    temperature: float = Field(4.0, gt=0)
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto: only when post-training quantization misses a verify threshold and --train images are "
+        "given; on: always; off: never.",
+    )
+    epochs: int = Field(
+        1,
+        gt=0,
+        description="Fine-tuning epochs over `images`; the defaults were measured with 1 (see lr). The CIFAR-10 "
+        "EfficientNet-B0 recipe needs 2.",
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate at the start of a cosine schedule; the optimizer and augmentation are train's. "
+        "None = train.lr / 10: with an SGD recipe it and the default temperature measured better than a lower lr "
+        "and no softening; an AdamW recipe's lower peak scales it down (an SGD-sized lr made an AdamW model diverge).",
+    )
+    batch_size: int = Field(64, gt=0, description="Training batch size.")
+    images: int | None = Field(
+        10000, gt=0, description="Training images drawn per run (with train.seed); None = all."
+    )
+    alpha: float = Field(
+        1.0, ge=0, le=1, description="KD weight, as distill.alpha: 1 = match the fp32 model only."
+    )
+    temperature: float = Field(4.0, gt=0, description="Distillation temperature T (softens both models' logits).")
 
 
 class MixedPrecisionConfig(_Strict):
     """Keep the layers int8 hurts most in float until the verify thresholds are met (deploy/mixed_precision.py):
     layers ranked by the logit SQNR each gains kept alone in float, then added one at a time."""
 
-    enabled: bool = False
-    max_float_layers: int = Field(10, gt=0)  # give up (fail the build) when this many in float still miss
-    images: int = Field(64, gt=0)  # evaluation images for the ranking: one quantize and one pass per layer
+    enabled: bool = Field(
+        False, description="Try float layers when the (possibly QAT) int8 model still misses a verify threshold."
+    )
+    max_float_layers: int = Field(
+        10, gt=0, description="Give up (fail the build) when this many layers in float still miss the thresholds."
+    )
+    images: int = Field(
+        64, gt=0, description="Evaluation images for the ranking: one quantize and one pass per layer."
+    )
 
 
 class EqualizeConfig(_Strict):
-    """Cross-layer equalization of the fp32 graph before calibration (deploy/stages/equalize.py)."""
+    """Cross-layer equalization of the fp32 graph before calibration (deploy/stages/int8/equalize.py)."""
 
-    enabled: bool = False
-    pairs: Literal["depthwise", "all"] = "depthwise"  # depthwise -> pointwise (Nagel et al.), or every conv pair
-    relu6: Literal["skip", "exact"] = "skip"  # exact: ReLU6 becomes Relu + a per-channel Min (kept in float)
+    enabled: bool = Field(False, description="Run cross-layer equalization.")
+    pairs: Literal["depthwise", "all"] = Field(
+        "depthwise", description="depthwise: depthwise -> pointwise pairs (Nagel et al.); all: every conv pair."
+    )
+    relu6: Literal["skip", "exact"] = Field(
+        "skip",
+        description="Pairs joined by a ReLU6. skip: left alone; exact: ReLU6 becomes Relu + a per-channel Min "
+        "(kept in float).",
+    )
 
 
 class QuantizeConfig(_Strict):
     """Post-training int8 quantization to QDQ ONNX, made for one target runtime."""
 
-    enabled: bool = False
-    target: Target = "ort-cpu"
-    per_channel: bool = True
-    # 7-bit weights: avoids the int16 saturation of ORT's U8S8 kernels on x86 CPUs without VNNI,
-    # at some accuracy cost. Only for ort-cpu deployments on such CPUs.
-    reduce_range: bool = False
-    calibration: CalibrationConfig = CalibrationConfig()
-    exclude: list[str] = []  # node-name globs kept in float
-    # Q/DQ placement (deploy/stages/qdq_placement.py; figures: benchmarks/int8_speed_mobilenet_v3.py).
-    # ort-cpu: h-swish and the squeeze-excite h-sigmoid run on ORT's int8 kernels instead of as float
-    # islands between DQ and Q (mobilenet_v3_small 224px batch 1, 1 thread: 0.75x -> 0.89x of fp32)
-    int8_hard_activations: bool = True
-    # ort-cpu: the nodes before the first pointwise conv (stem, first depthwise block) stay in float;
-    # None = where that measured faster, when they leave through one tensor (mobilenet_v3_small 0.89x ->
-    # 1.14x; also v2, Lite0, MNASNet; not v3_large's or ShuffleNetV2's stems)
-    float_stem: bool | None = None
-    # ort-cpu: zero-pad depthwise convs to a multiple of 16 channels (stages/pad_channels.py), where ORT's int8
-    # depthwise kernel is fast; the model computes the same (mobilenet_v3_small 224px batch 1: 1.14x -> 1.22x of fp32)
-    pad_depthwise: bool = True
-    # tensorrt: Q/DQ only on the inputs of Conv, Gemm and Add, none between a Conv and its activation
-    # (TensorRT fuses them); False = onnxruntime's default, a Q/DQ pair on every tensor
-    conv_inputs_only: bool = True
-    equalize: EqualizeConfig = EqualizeConfig()
-    # correct each quantized Conv/Gemm's output mean shift, measured on calibration images (stages/bias_correction.py).
-    # On: top-1 agreement with fp32 96.4 -> 98.5% (ort-cpu) and 96.3 -> 97.6% (tensorrt) on EfficientNet-Lite0,
-    # +0.1 / +0.2 points and +0.5 dB on CIFAR-10 mobilenet_v3_small; 1-15 s (see the README)
-    bias_correction: bool = True
-    sensitivity_images: int = Field(16, ge=0)  # per-layer SQNR section of the report on this many images; 0 = off
-    qat: QATConfig = QATConfig()  # the fallback when post-training quantization misses the thresholds
-    mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()  # the other fallback: float layers, no training
+    enabled: bool = Field(False, description="Quantize to int8 (else the build stays fp32).")
+    target: Target = Field("ort-cpu", description="Runtime the QDQ model is made for.")
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (else one per tensor).")
+    reduce_range: bool = Field(
+        False,
+        description="7-bit weights: avoids the int16 saturation of ORT's U8S8 kernels on x86 CPUs without VNNI, "
+        "at some accuracy cost. Only for ort-cpu deployments on such CPUs.",
+    )
+    calibration: CalibrationConfig = Field(CalibrationConfig(), description="Activation range calibration.")
+    exclude: list[str] = Field([], description="Node-name globs kept in float.")
+    int8_hard_activations: bool = Field(
+        True,
+        description="Q/DQ placement (deploy/stages/int8/qdq_placement.py), ort-cpu: h-swish and the squeeze-excite "
+        "h-sigmoid run on ORT's int8 kernels instead of as float islands between DQ and Q, which measured faster "
+        "(benchmarks/int8_speed_mobilenet_v3.py).",
+    )
+    float_stem: bool | None = Field(
+        None,
+        description="ort-cpu: the nodes before the first pointwise conv (stem, first depthwise block) stay in float; "
+        "None = where that measured faster, when they leave through one tensor.",
+    )
+    pad_depthwise: bool = Field(
+        True,
+        description="ort-cpu: zero-pad depthwise convs to a multiple of 16 channels (stages/int8/pad_channels.py), where "
+        "ORT's int8 depthwise kernel is fast; the model computes the same.",
+    )
+    conv_inputs_only: bool = Field(
+        True,
+        description="tensorrt: Q/DQ only on the inputs of Conv, Gemm and Add, none between a Conv and its "
+        "activation (TensorRT fuses them); False = onnxruntime's default, a Q/DQ pair on every tensor.",
+    )
+    equalize: EqualizeConfig = Field(EqualizeConfig(), description="Cross-layer equalization before calibration.")
+    bias_correction: bool = Field(
+        True,
+        description="Correct each quantized Conv/Gemm's output mean shift, measured on calibration images "
+        "(stages/int8/bias_correction.py); raises top-1 agreement with fp32 and SQNR for seconds of build time "
+        "(see the README).",
+    )
+    sensitivity_images: int = Field(
+        16, ge=0, description="Per-layer SQNR section of the report on this many images; 0 = off."
+    )
+    qat: QATConfig = Field(
+        QATConfig(), description="The fallback when post-training quantization misses the thresholds."
+    )
+    mixed_precision: MixedPrecisionConfig = Field(
+        MixedPrecisionConfig(), description="The other fallback: float layers, no training."
+    )
 
     @model_validator(mode="after")
     def _reduce_range_for_cpu_only(self):
@@ -147,28 +216,47 @@ class QuantizeConfig(_Strict):
 
 
 class LatencyConfig(_Strict):
-    warmup: int = Field(20, ge=0)
-    runs: int = Field(200, gt=0)
-    batch: int = Field(32, gt=0)  # batch size of the throughput measurement
-    threads: int | None = Field(None, gt=0)  # None = all cores
+    warmup: int = Field(20, ge=0, description="Untimed runs before measuring.")
+    runs: int = Field(200, gt=0, description="Timed runs.")
+    batch: int = Field(32, gt=0, description="Batch size of the throughput measurement.")
+    threads: int | None = Field(None, gt=0, description="CPU threads; None = all cores.")
+
+
+class MetricGate(_Strict):
+    """Thresholds on a metric that the build's `evaluate` function returns (Python API), for a higher-is-better
+    metric unless `max` is used: the int8 model's value (fp32's without int8) must stay within them."""
+
+    min: float | None = Field(None, description="Lowest allowed value; None = no lower bound.")
+    max: float | None = Field(None, description="Highest allowed value; None = no upper bound.")
+    max_drop: float | None = Field(None, description="Largest allowed fp32 value - int8 value; None = no limit.")
 
 
 class VerifyConfig(_Strict):
-    max_top1_drop: float | None = 1.0  # percentage points, needs labeled --val
-    min_agreement: float | None = Field(None, ge=0, le=100)  # top-1 agreement int8 vs fp32, percent
-    min_sqnr_db: float | None = None  # logit SQNR int8 vs fp32
-    heldout: int = Field(64, gt=0)  # images for agreement/SQNR when there is no --val
-    batch: int = Field(32, gt=0)  # batch size for accuracy evaluation
-    latency: LatencyConfig = LatencyConfig()
-    runtime: Literal["ort", "tensorrt", "ort-trt"] = "ort"  # where the int8 (or engine) model is verified
+    max_top1_drop: float | None = Field(
+        1.0, description="Largest allowed top-1 drop int8 vs fp32, percentage points (needs labeled --val); "
+        "None = not checked."
+    )
+    min_agreement: float | None = Field(
+        None, ge=0, le=100, description="Least top-1 agreement int8 vs fp32, percent; None = not checked."
+    )
+    min_sqnr_db: float | None = Field(None, description="Least logit SQNR int8 vs fp32, dB; None = not checked.")
+    heldout: int = Field(64, gt=0, description="Images for agreement/SQNR when there is no --val.")
+    batch: int = Field(32, gt=0, description="Batch size for accuracy evaluation.")
+    latency: LatencyConfig = Field(LatencyConfig(), description="Latency and throughput measurement.")
+    runtime: Literal["ort", "tensorrt", "ort-trt"] = Field(
+        "ort", description="Where the int8 (or engine) model is verified."
+    )
+    metrics: dict[str, MetricGate] = Field(
+        {}, description="Gates on the metrics of deploy.build(..., evaluate=fn), by name."
+    )
 
 
 class BatchProfile(_Strict):
     """TensorRT optimization profile for the batch dimension: the engine accepts min..max, tuned for opt."""
 
-    min: int = Field(1, gt=0)
-    opt: int = Field(1, gt=0)
-    max: int = Field(32, gt=0)
+    min: int = Field(1, gt=0, description="Smallest batch size the engine accepts.")
+    opt: int = Field(1, gt=0, description="Batch size the engine is tuned for.")
+    max: int = Field(32, gt=0, description="Largest batch size the engine accepts.")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -180,12 +268,17 @@ class BatchProfile(_Strict):
 class TensorRTConfig(_Strict):
     """TensorRT engine build settings (quantize.target tensorrt, `deploy engine`)."""
 
-    precision: Literal["int8", "fp16", "fp32"] = "int8"  # int8 needs the QDQ ONNX; fp16/fp32 the fp32 one
-    workspace_mib: int = Field(1024, gt=0)
-    batch: BatchProfile = BatchProfile()
-    timing_cache: str | None = "~/.cache/edge-deploy/tensorrt.timing-cache"  # shared across builds; None = off
-    dla_core: int | None = Field(None, ge=0)  # Jetson Orin DLA core; None = GPU only
-    gpu_fallback: bool = True  # layers DLA cannot run go to the GPU
+    precision: Literal["int8", "fp16", "fp32"] = Field(
+        "int8", description="Engine precision: int8 needs the QDQ ONNX; fp16/fp32 the fp32 one."
+    )
+    workspace_mib: int = Field(1024, gt=0, description="Builder workspace memory limit, MiB.")
+    batch: BatchProfile = Field(BatchProfile(), description="Optimization profile for the batch dimension.")
+    timing_cache: str | None = Field(
+        "~/.cache/edge-deploy/tensorrt.timing-cache",
+        description="Timing cache file, shared across builds; None = off.",
+    )
+    dla_core: int | None = Field(None, ge=0, description="Jetson Orin DLA core to run on; None = GPU only.")
+    gpu_fallback: bool = Field(True, description="Layers DLA cannot run go to the GPU.")
 
 
 Augment = Literal["none", "flip", "crop_flip", "random_resized_crop"]
@@ -194,67 +287,95 @@ Augment = Literal["none", "flip", "crop_flip", "random_resized_crop"]
 class TrainConfig(_Strict):
     """The training loop of `deploy train`, also used (with distill's overrides) by the distill stage."""
 
-    epochs: int = Field(15, gt=0)
-    batch_size: int = Field(128, gt=0)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)  # peak learning rate of the schedule
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "onecycle"] = "onecycle"
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    # crop_flip: resize to input_size, random crop with input_size/8 padding, flip (small images, CIFAR);
-    # random_resized_crop: ImageNet-style scale (0.25, 1) crops and flip.
-    augment: Augment = "crop_flip"
-    subset: int | None = Field(None, gt=0)  # train on this many images drawn with `seed` (CI, quick checks)
-    seed: int = 0
-    workers: int = Field(1, ge=0)  # DataLoader worker processes
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(15, gt=0, description="Training epochs.")
+    batch_size: int = Field(128, gt=0, description="Training batch size.")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.1, gt=0, description="Peak learning rate of the schedule.")
+    weight_decay: float = Field(5e-4, ge=0, description="Weight decay (L2 penalty).")
+    schedule: Literal["cosine", "onecycle"] = Field("onecycle", description="Learning-rate schedule.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
+    augment: Augment = Field(
+        "crop_flip",
+        description="Training augmentation. crop_flip: resize to input_size, random crop with input_size/8 "
+        "padding, flip (small images, CIFAR); random_resized_crop: ImageNet-style scale (0.25, 1) crops and flip.",
+    )
+    subset: int | None = Field(
+        None, gt=0, description="Train on this many images drawn with `seed` (CI, quick checks); None = all."
+    )
+    seed: int = Field(0, description="Random seed: the `subset` draw, initial weights and shuffling.")
+    workers: int = Field(1, ge=0, description="DataLoader worker processes; 0 = load in the main process.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device; auto = cuda if available.")
 
 
 class PruneConfig(_Strict):
     """Structured channel pruning with Torch-Pruning's dependency graph."""
 
-    enabled: bool = False
-    ratio: float = Field(0.3, ge=0, lt=1)  # fraction of channels, or of MACs when by == "macs"
-    by: Literal["channels", "macs"] = "macs"
-    scope: Literal["uniform", "global"] = "uniform"  # same ratio in every layer, or ranked across layers
-    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"  # taylor uses the calibration images
-    round_to: int = Field(8, gt=0)  # kept channel counts are multiples of this (SIMD / tensor cores)
-    protect_stem: bool = True  # the first conv; the classifier head is always protected
-    protect: list[str] = []  # module-name globs never pruned
-    # ratio: ratio/by/scope above. latency: NetAdapt-style steps on Torch-Pruning's groups, each the one that
-    # costs least accuracy (KL to the unpruned model) per ms saved on ORT CPU (deploy/stages/prune_latency.py)
-    mode: Literal["ratio", "latency"] = "ratio"
-    # mode latency: target batch-1 latency (ORT CPU, 1 thread) as a fraction of the unpruned model's, measured
-    latency_budget: float = Field(0.7, gt=0, lt=1)
-    latency_step: float = Field(0.25, gt=0, lt=1)  # mode latency: fraction of a group's channels one step removes
+    enabled: bool = Field(False, description="Prune the PyTorch model (before BN folding and export).")
+    ratio: float = Field(
+        0.3, ge=0, lt=1, description='Fraction of channels removed, or of MACs when by == "macs" (mode ratio).'
+    )
+    by: Literal["channels", "macs"] = Field("macs", description="What `ratio` is a fraction of.")
+    scope: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: the same ratio in every layer; global: channels ranked across layers."
+    )
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = Field(
+        "l2", description="Channel importance criterion; taylor uses the calibration images."
+    )
+    round_to: int = Field(
+        8, gt=0, description="Kept channel counts are multiples of this (SIMD / tensor cores)."
+    )
+    protect_stem: bool = Field(True, description="Never prune the first conv; the classifier head is always protected.")
+    protect: list[str] = Field([], description="Module-name globs never pruned.")
+    mode: Literal["ratio", "latency"] = Field(
+        "ratio",
+        description="ratio: ratio/by/scope above. latency: NetAdapt-style steps on Torch-Pruning's groups, each the "
+        "one that costs least accuracy (KL to the unpruned model) per ms saved on ORT CPU "
+        "(deploy/stages/prune/latency.py).",
+    )
+    latency_budget: float = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        description="Mode latency: target batch-1 latency (ORT CPU, 1 thread) as a fraction of the unpruned "
+        "model's, measured.",
+    )
+    latency_step: float = Field(
+        0.25, gt=0, lt=1, description="Mode latency: fraction of a group's channels one step removes."
+    )
 
 
 class DistillConfig(_Strict):
     """Knowledge-distillation fine-tuning: alpha*T^2*KL(teacher/T || student/T) + (1-alpha)*CE."""
 
-    enabled: bool = False
-    teacher: str | None = None  # a recipe name or YAML; None = the model before pruning
-    teacher_weights: str | None = None
-    alpha: float = Field(0.9, ge=0, le=1)  # 1 = pure KD (forced on unlabeled images)
-    temperature: float = Field(4.0, gt=0)
-    epochs: int = Field(3, gt=0)
-    lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(128, gt=0)
-    augment: Augment = "crop_flip"
+    enabled: bool = Field(False, description="Fine-tune with knowledge distillation from `teacher`.")
+    teacher: str | None = Field(
+        None, description="Teacher: a recipe name or YAML; None = the model before pruning."
+    )
+    teacher_weights: str | None = Field(
+        None,
+        description="Checkpoint for `teacher` (needed when its class count differs); None = the teacher recipe's "
+        "weights.",
+    )
+    alpha: float = Field(0.9, ge=0, le=1, description="KD weight; 1 = pure KD (forced on unlabeled images).")
+    temperature: float = Field(4.0, gt=0, description="Distillation temperature T.")
+    epochs: int = Field(3, gt=0, description="Fine-tuning epochs.")
+    lr: float = Field(0.01, gt=0, description="Peak learning rate (replaces train.lr).")
+    batch_size: int = Field(128, gt=0, description="Training batch size (replaces train.batch_size).")
+    augment: Augment = Field("crop_flip", description="Training augmentation (replaces train.augment).")
 
 
 class Recipe(_Strict):
-    version: Literal[1] = 1
-    model: ModelSpec
-    preprocess: Preprocess = Preprocess()
-    fold_bn: FoldBNConfig = FoldBNConfig()
-    export: ExportConfig = ExportConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
-    verify: VerifyConfig = VerifyConfig()
-    train: TrainConfig = TrainConfig()
-    prune: PruneConfig = PruneConfig()
-    distill: DistillConfig = DistillConfig()
-    tensorrt: TensorRTConfig = TensorRTConfig()
+    version: Literal[1] = Field(1, description="Recipe format version.")
+    model: ModelSpec = Field(description="The network and its weights.")
+    preprocess: Preprocess = Field(Preprocess(), description="Evaluation preprocessing.")
+    fold_bn: FoldBNConfig = Field(FoldBNConfig(), description="BatchNorm folding.")
+    export: ExportConfig = Field(ExportConfig(), description="ONNX export.")
+    quantize: QuantizeConfig = Field(QuantizeConfig(), description="int8 quantization.")
+    verify: VerifyConfig = Field(VerifyConfig(), description="Accuracy and latency checks of the built model.")
+    train: TrainConfig = Field(TrainConfig(), description="Training loop (`deploy train`, distill).")
+    prune: PruneConfig = Field(PruneConfig(), description="Structured channel pruning.")
+    distill: DistillConfig = Field(DistillConfig(), description="Knowledge-distillation fine-tuning.")
+    tensorrt: TensorRTConfig = Field(TensorRTConfig(), description="TensorRT engine build.")
 
     @model_validator(mode="after")
     def _onnx_input_has_no_pytorch_stages(self):

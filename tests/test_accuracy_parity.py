@@ -4,7 +4,7 @@ agreement of at least 97% (onnxruntime's quantize_static per-channel gives about
 import pytest
 
 from deploy import recipe
-from deploy.pipeline import BuildOptions, build
+from deploy import build
 from deploy.runtimes.ort import exact_int8_kernels
 
 pytestmark = pytest.mark.data
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.data
 def test_efficientnet_lite0_int8_keeps_top1(tmp_path, imagenet_sample, target):
     r = recipe.override(recipe.load("efficientnet_lite0"), {"quantize.enabled": True, "quantize.target": target,
                                                             "verify.max_top1_drop": None})  # fmt: skip
-    report = build(r, BuildOptions(calib=imagenet_sample / "calib", val=imagenet_sample / "val", out=tmp_path / "b"))
+    report = build(r, calib=imagenet_sample / "calib", val=imagenet_sample / "val", out=tmp_path / "b").report
     acc = report["accuracy"]
     print(f"\n{target}: {acc}")
     assert acc["fp32"]["n"] == 800

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from deploy import recipe as recipes
-from deploy.pipeline import BuildOptions, build
+from deploy import build
 from deploy.runtimes.ort import exact_int8_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +30,7 @@ def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
     r = recipes.override(r, {"model.weights": str(checkpoint), "quantize.enabled": True, "quantize.target": target,
                              "verify.max_top1_drop": 0.5, "verify.latency.runs": 20,
                              "quantize.sensitivity_images": 0})  # fmt: skip
-    opts = BuildOptions(calib=cifar10 / "train", val=cifar10 / "test", train=cifar10 / "train", out=tmp_path / "b")
-    report = build(r, opts)
+    report = build(r, calib=cifar10 / "train", val=cifar10 / "test", train=cifar10 / "train", out=tmp_path / "b").report
     acc = report["accuracy"]
     exact = acc.get("reference", acc)  # ort-cpu on a CPU without VNNI: see the README
     qat = report.get("qat")

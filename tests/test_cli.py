@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from deploy import recipe as recipes
 from deploy.cli import main
 
 
@@ -35,19 +36,23 @@ def test_build_writes_models_and_reports(tmp_path, small_recipe, small_val, caps
     assert r["model"] == "mobilenet_v3_small" and r["target"] == "tensorrt" and r["passed"]
     assert r["recommended"]["model"] == "model.int8.onnx"  # tensorrt target, no threshold missed
     assert [s["name"] for s in r["stages"]] == ["load", "data", "fold_bn", "export_onnx", "quantize",
-                                                "bias_correction", "sensitivity", "verify"]
-    assert all(s["seconds"] >= 0 for s in r["stages"])
+                                                "bias_correction", "sensitivity", "verify", "describe"]
+    assert set(r) >= {"schema", "tool", "model", "target", "int8", "created", "recipe", "stages", "warnings",
+                      "failures", "calibration", "validation", "export", "fold_bn", "quantize", "accuracy", "latency",
+                      "recommended", "environment", "size_bytes", "passed", "files"}  # fmt: skip
+    ran = recipes.validate(r["recipe"], "report.json")  # the recipe it ran, with the options applied
+    assert ran.quantize.enabled and ran.quantize.target == "tensorrt" and ran.model == small_recipe.model
     acc = r["accuracy"]
     for p in ("fp32", "int8"):
         assert set(acc[p]) == {"top1", "top5", "n"} and acc[p]["n"] == 5
     assert acc["top1_drop"] == pytest.approx(acc["fp32"]["top1"] - acc["int8"]["top1"])
-    assert 0 <= acc["agreement"] <= 100 and "sqnr_db" in acc
+    assert acc["sqnr_db"] > 12  # random weights, 5 photos, tensorrt form: measured 17-20 dB; broken int8 < 10
     for p in ("fp32", "int8"):
         assert set(r["latency"][p]) >= {"p50_ms", "p90_ms", "p99_ms", "throughput_ips", "batch"}
-        assert r["latency"][p]["p50_ms"] <= r["latency"][p]["p99_ms"]
-    assert r["size_bytes"]["int8"] < r["size_bytes"]["fp32"]
+    assert r["size_bytes"]["int8"] < 0.35 * r["size_bytes"]["fp32"]
     assert r["environment"]["threads"] >= 1 and r["environment"]["packages"]["onnxruntime"]
-    assert r["fold_bn"]["relative"] < 1e-4 and r["export"]["parity"]["relative"] < 1e-4
+    # tighter than the build's own 1e-4 gates: folding and export are exact up to float rounding
+    assert r["fold_bn"]["relative"] < 1e-5 and r["export"]["parity"]["relative"] < 1e-5
     md = (out / "report.md").read_text()
     assert "built-in sample photos" in md and "![latency](latency.png)" in md
     assert "built-in sample photos" in capsys.readouterr().err  # said loudly on the terminal too
@@ -62,6 +67,8 @@ def test_missed_threshold_fails_but_writes_the_report(tmp_path, small_recipe, ca
     assert err.startswith("build failed: int8 logit SQNR") and "min_sqnr_db 200.0" in err
     r = json.loads((out / "report.json").read_text())
     assert not r["passed"] and r["failures"] and "Threshold missed" in (out / "report.md").read_text()
+    # no --val: the recipe's max_top1_drop cannot be checked, and the report says so instead of passing it silently
+    assert any("verify.max_top1_drop (1.0) needs labeled validation images" in w for w in r["warnings"])
 
 
 def test_existing_output_needs_force_and_force_reuses_calibration(tmp_path, small_recipe, capsys):

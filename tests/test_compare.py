@@ -1,9 +1,12 @@
-"""`deploy compare`: the Pareto front of made-up build reports."""
+"""`deploy compare`: the Pareto front of made-up build reports, and the figures of a real one."""
 
 import json
 
+import pytest
+
 from deploy.cli import main
 from deploy.compare import load_points
+from helpers import is_plot
 
 
 def _report(root, name, fp32, int8=None):
@@ -36,7 +39,7 @@ def test_pareto_front_on_made_up_reports(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compare", *map(str, builds), "--out", str(out)]) == 0
     md = (out / "compare.md").read_text()
-    assert (out / "compare.png").stat().st_size > 0 and "![accuracy vs latency and size](compare.png)" in md
+    assert is_plot(out / "compare.png") and "![accuracy vs latency and size](compare.png)" in md
     assert "not on the plot: noval" in md
     assert md.count("**yes**") == 6
     assert "| bad | bad | fp32 | 65.00 | 8.000 | 30.00 |  |  |" in md
@@ -45,3 +48,22 @@ def test_pareto_front_on_made_up_reports(tmp_path, capsys):
 def test_no_reports_is_a_one_line_error(tmp_path, capsys):
     assert main(["compare", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "no build reports" in capsys.readouterr().err
+
+
+def test_points_from_real_build_reports(tmp_path, small_recipe, small_val):
+    """A real `deploy build` report.json: compare reads its figures as they are (names and keys included)."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    data = small_recipe.model_dump(mode="json")
+    data["verify"]["max_top1_drop"] = None
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "b"
+    assert main(["build", str(recipe), "--int8", "--val", str(small_val), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    points = {p["precision"]: p for p in load_points([out])}
+    assert set(points) == {"fp32", "int8"}
+    for precision, p in points.items():
+        assert p["top1"] == report["accuracy"][precision]["top1"]
+        assert p["latency_ms"] == report["latency"][precision]["p50_ms"] and p["model"] == "mobilenet_v3_small"
+        assert p["size_mb"] == pytest.approx(report["size_bytes"][precision] / 1e6)

@@ -7,6 +7,7 @@ import pytest
 from deploy.cli import main
 from deploy.explore import explore
 from deploy.mobilenet_v1 import paper_macs
+from helpers import is_plot
 
 
 def test_mobilenet_v1_grid_matches_the_closed_form_and_is_timed(tmp_path, capsys):
@@ -22,7 +23,7 @@ def test_mobilenet_v1_grid_matches_the_closed_form_and_is_timed(tmp_path, capsys
     # α scales the params about quadratically; ρ leaves them unchanged and scales MACs by ρ²
     assert variants[0]["params"] == variants[1]["params"] < variants[2]["params"] / 3
     assert variants[3]["macs"] / variants[2]["macs"] == pytest.approx((96 / 64) ** 2, rel=0.02)
-    assert (out / "explore.png").stat().st_size > 0 and "closed-form" in (out / "explore.md").read_text().lower()
+    assert is_plot(out / "explore.png") and "closed-form" in (out / "explore.md").read_text().lower()
     assert "deviation" in capsys.readouterr().out
 
 
@@ -41,7 +42,7 @@ def test_accuracy_columns_with_per_width_checkpoints(tmp_path, small_val):
 
     from deploy import data, recipe
     from deploy.mobilenet_v1 import MobileNetV1
-    from deploy.stages import verify
+    from deploy import metrics
 
     torch.manual_seed(1)
     model = MobileNetV1(num_classes=3, width=0.5).eval()
@@ -51,7 +52,7 @@ def test_accuracy_columns_with_per_width_checkpoints(tmp_path, small_val):
     pre = data.Preprocessor(recipe.load("mobilenet_v1").preprocess.model_copy(update={"input_size": 64, "resize": 73}))
     images = data.labeled_set(small_val, pre, 3)
     with torch.no_grad():
-        expected = verify.accuracy(model(torch.from_numpy(images.inputs)).numpy(), images.labels)["top1"]
+        expected = metrics.accuracy(model(torch.from_numpy(images.inputs)).numpy(), images.labels)["top1"]
     assert v["fp32_top1"] == pytest.approx(expected)  # the checkpoint was loaded and evaluated on --val
     assert 0 <= v["int8_top1"] <= 100
 

@@ -4,14 +4,13 @@ per-layer sensitivity section and the recommended model."""
 import json
 
 import pytest
-from test_sensitivity import BAD, bad_layer_onnx
+from helpers import BAD, bad_layer_onnx
 
+from deploy import build
 from deploy import recipe as recipes
 from deploy.cli import main
-from deploy.errors import ThresholdMissed
-from deploy.int8 import PREPARED
-from deploy.pipeline import BuildOptions, build
-from deploy.predictor import _pick_model
+from deploy.core.context import PREPARED
+from deploy.serving.predictor import pick_model
 
 
 @pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
@@ -23,7 +22,7 @@ def test_mixed_precision_meets_a_threshold_that_plain_ptq_misses(tmp_path, targe
         "quantize.mixed_precision.enabled": True, "quantize.mixed_precision.max_float_layers": 3,
     })  # fmt: skip
     out = tmp_path / "out"
-    report = build(r, BuildOptions(out=out))
+    report = build(r, out=out).report
     mp = report["mixed_precision"]
     assert mp["int8"]["missed"] and mp["met"] and BAD in mp["float_layers"]
     assert mp["steps"][-1]["sqnr_db"] >= 28.0
@@ -41,12 +40,13 @@ def test_mixed_precision_that_cannot_meet_the_threshold_fails_the_build_with_its
         "verify.heldout": 16, "verify.max_top1_drop": None, "verify.min_sqnr_db": 80.0, "verify.latency.runs": 5,
         "quantize.mixed_precision.enabled": True, "quantize.mixed_precision.max_float_layers": 1,
     })  # fmt: skip
-    with pytest.raises(ThresholdMissed, match="min_sqnr_db 80.0"):
-        build(r, BuildOptions(out=tmp_path / "out"))
+    result = build(r, out=tmp_path / "out")
+    assert not result.passed and "min_sqnr_db 80.0" in result.failures[0]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result.report == report and result.recommended == tmp_path / "out" / "model.fp32.onnx"
     assert "max_float_layers 1" in report["mixed_precision"]["error"] and not report["mixed_precision"]["met"]
     assert report["recommended"]["precision"] == "fp32" and "min_sqnr_db" in report["recommended"]["reason"]
-    assert _pick_model(tmp_path / "out").name == "model.fp32.onnx"
+    assert pick_model(tmp_path / "out").name == "model.fp32.onnx"
 
 
 def test_graph_preparation_in_the_build_and_diagnose_after(tmp_path, small_recipe, capsys):
@@ -59,7 +59,7 @@ def test_graph_preparation_in_the_build_and_diagnose_after(tmp_path, small_recip
     report = json.loads((out / "report.json").read_text())
     names = [s["name"] for s in report["stages"]]
     assert names[names.index("equalize"):] == ["equalize", "pad_depthwise", "quantize", "bias_correction",
-                                               "sensitivity", "verify"]  # fmt: skip
+                                               "sensitivity", "verify", "describe"]  # fmt: skip
     pad = report["pad_depthwise"]  # mobilenet_v3_small's 72, 88 and 120 channels, after equalization
     assert sorted(pad["convs"].values()) == [80, 96, 128] and pad["max_abs_logit_diff"] < 1e-4
     eq = report["equalize"]
@@ -68,7 +68,7 @@ def test_graph_preparation_in_the_build_and_diagnose_after(tmp_path, small_recip
     assert report["bias_correction"]["layers"] > 0
     assert report["quantize"]["source"] == PREPARED and (out / PREPARED).is_file()
     assert report["sensitivity"]["layers"] and "## Layer sensitivity" in (out / "report.md").read_text()
-    assert _pick_model(out).name == report["recommended"]["model"]
+    assert pick_model(out).name == report["recommended"]["model"]
     # diagnose re-quantizes from the equalized model with the build's cached ranges
     assert main(["diagnose", str(out), "--images", "0", "--out", str(tmp_path / "diag")]) == 0
     assert json.loads((tmp_path / "diag" / "diagnose.json").read_text())["layers"]

@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
 from deploy import models, recipe
 from deploy.cli import main
 from deploy.errors import DeployError
+from deploy.runtimes.ort import OrtCpu
 from deploy.stages.export_onnx import export
 
 
@@ -26,10 +28,12 @@ def test_build_from_onnx_quantizes_and_verifies(tmp_path, onnx_file):
     report = json.loads((out / "report.json").read_text())
     padded = ["pad_depthwise"] if "pad_depthwise" in report else []  # channels not a multiple of 16 (pad_channels.py)
     assert [s["name"] for s in report["stages"]] == ["data", "import_onnx", *padded, "quantize", "bias_correction",
-                                                     "sensitivity", "verify"]
+                                                     "sensitivity", "verify", "describe"]
     assert "skipped" in report["stages"][1]["notes"]
-    assert report["accuracy"]["agreement"] > 0 and report["latency"]["int8"]["p50_ms"] > 0
-    assert onnx.load(str(out / "model.fp32.onnx")).graph.node  # the input, copied after checking
+    # random weights, 8 held-out photos: measured 22.4 dB; a broken quantization (wrong scales, lost layers) is < 10
+    assert report["accuracy"]["sqnr_db"] > 15
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    assert np.array_equal(OrtCpu(out / "model.fp32.onnx").infer(x), OrtCpu(onnx_file).infer(x))  # the input, copied
 
 
 def test_fixed_batch_and_invalid_files_are_refused(tmp_path, onnx_file, capsys):

@@ -8,8 +8,10 @@ from torch.nn import functional as F
 
 from .. import models
 from .. import recipe as recipes
+from ..core.context import Build
 from ..errors import DeployError
 from ..recipe import DistillConfig, TrainConfig
+from . import summary
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float,
@@ -60,7 +62,7 @@ def distill(student: nn.Module, teacher: nn.Module, dataset, cfg: DistillConfig,
     """Train `student` in place for cfg.epochs with the KD loss on `dataset`; images labeled -1 (an unlabeled
     folder) get the KD term only."""
     from ..train import fit, subset
-    from .prune import adapt_bn
+    from .prune.groups import adapt_bn
 
     loop = train.model_copy(update={"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                     "augment": cfg.augment})  # fmt: skip
@@ -69,3 +71,27 @@ def distill(student: nn.Module, teacher: nn.Module, dataset, cfg: DistillConfig,
     batches = torch.utils.data.DataLoader(subset(dataset, 2048, loop.seed), batch_size=loop.batch_size)
     adapt_bn(student, (x for x, _ in batches))
     return history
+
+
+class Distill:
+    name = "distill"
+
+    def applies(self, b: Build) -> bool:
+        return b.recipe.distill.enabled
+
+    def run(self, b: Build) -> str:
+        from .. import sources
+        from .prune.groups import pruned_checkpoint
+
+        r = b.recipe
+        if b.options.train is None:
+            raise DeployError("the distill stage needs training images: pass --train DIR")
+        summary.start(b)
+        teacher = teacher_model(r.distill, b.original or b.model, r.model.num_classes)
+        images = sources.training(b.options.train, r)
+        history = distill(b.model, teacher, images, r.distill, r.train)
+        b.report["distill"] = {"images": len(images), "history": history,
+                               "teacher": r.distill.teacher or "the model before pruning"}  # fmt: skip
+        torch.save(pruned_checkpoint(b.model), b.workdir / "model.distilled.pth")
+        summary.record(b, "distill")
+        return f"{len(history)} epochs on {len(images)} images, final loss {history[-1]['loss']:.4f}"

@@ -9,8 +9,10 @@ import onnx
 import torch
 from torch import nn
 
+from ..core.context import Build
 from ..errors import DeployError
 from ..recipe import ExportConfig
+from ..runtimes.ort import OrtCpu
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -64,3 +66,41 @@ def import_onnx(src: Path, dst: Path) -> str:
     onnx.save(proto, str(dst))
     opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     return f"ONNX input (opset {opset}, {len(proto.graph.node)} nodes): load, fold_bn and export skipped"
+
+
+class ExportONNX:
+    name = "export_onnx"
+
+    def applies(self, b: Build) -> bool:
+        return b.model is not None
+
+    def run(self, b: Build) -> str:
+        import numpy as np
+
+        r = b.recipe
+        probe = torch.from_numpy(b.calibration.calib.inputs[:8])
+        b.fp32_onnx = b.source = b.workdir / "model.fp32.onnx"
+        proto = export(b.model, b.fp32_onnx, r.export, r.preprocess.input_size)
+        with torch.no_grad():
+            ref = b.model(probe).numpy()
+        got = OrtCpu(b.fp32_onnx, b.threads).infer(probe.numpy())
+        diff = float(np.abs(ref - got).max())
+        rel = diff / max(float(np.abs(ref).max()), 1e-12)
+        b.report["export"] = {"opset": r.export.opset, "exporter": r.export.exporter, "nodes": len(proto.graph.node),
+                              "parity": {"max_abs_logit_diff": diff, "relative": rel, "images": len(probe)}}  # fmt: skip
+        if rel > r.export.tolerance:
+            raise DeployError(f"ONNX Runtime output differs from PyTorch by {rel:.2e} (relative) > {r.export.tolerance}")
+        return f"opset {r.export.opset}, {len(proto.graph.node)} nodes, PyTorch vs ORT max |diff| {diff:.2e}"
+
+
+class ImportONNX:
+    name = "import_onnx"
+
+    def applies(self, b: Build) -> bool:
+        return b.recipe.model.source == "onnx"
+
+    def run(self, b: Build) -> str:
+        b.fp32_onnx = b.source = b.workdir / "model.fp32.onnx"
+        notes = import_onnx(Path(b.recipe.model.weights), b.fp32_onnx)
+        b.report["export"] = {"source": b.recipe.model.weights, "note": notes}
+        return notes

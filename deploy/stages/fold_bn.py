@@ -9,6 +9,9 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from ..core.context import Build
+from ..errors import DeployError, traced
+
 
 class _Tracer(fx.Tracer):
     """Keeps BatchNorm subclasses (timm's BatchNormAct2d) as leaves so they can be matched."""
@@ -72,3 +75,21 @@ def max_logit_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[f
     ya, yb = a(x), b(x)
     diff = (ya - yb).abs().max().item()
     return diff, diff / max(ya.abs().max().item(), 1e-12)
+
+
+class FoldBN:
+    name = "fold_bn"
+
+    def applies(self, b: Build) -> bool:
+        return b.model is not None and b.recipe.fold_bn.enabled
+
+    def run(self, b: Build) -> str:
+        probe = torch.from_numpy(b.calibration.calib.inputs[:8])
+        with traced("fold_bn", b.model, "fold_bn.enabled: false"):
+            folded, names = fold_batchnorm(b.model)
+        diff, rel = max_logit_difference(b.model, folded, probe)
+        b.report["fold_bn"] = {"folded": len(names), "max_abs_logit_diff": diff, "relative": rel}
+        if rel > b.recipe.fold_bn.tolerance:
+            raise DeployError(f"BN folding changed the logits by {rel:.2e} (relative) > {b.recipe.fold_bn.tolerance}")
+        b.model = folded
+        return f"{len(names)} BatchNorm folded, max |logit diff| {diff:.2e}"

@@ -1,0 +1,29 @@
+"""The describe stage: serving.json, what the build folder serves (the recommended model, its input and output,
+preprocessing and class names), so that `deploy run`, `deploy serve` and `deploy export` need no build stack."""
+
+from __future__ import annotations
+
+import json
+
+from .. import data
+from ..core.context import Build
+from ..serving.spec import SCHEMA, SPEC_FILE, model_io
+
+
+class Describe:
+    name = "describe"
+
+    def applies(self, b: Build) -> bool:
+        return True
+
+    def run(self, b: Build) -> str:
+        r = b.recipe
+        rec = b.report.get("recommended") or {"model": b.fp32_onnx.name, "precision": "fp32"}
+        inp, out = model_io(b.workdir / rec["model"])
+        named = b.validation.classes if b.validation is not None else None
+        classes = named or data.class_names(r.model.num_classes)
+        spec = {"schema": SCHEMA, "name": r.model.name, "model": rec["model"], "precision": rec["precision"],
+                "input": inp.to_dict(), "output": out.to_dict(), "max_batch": r.tensorrt.batch.max,
+                "preprocess": r.preprocess.model_dump(mode="json"), "classes": classes}  # fmt: skip
+        (b.workdir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        return f"{SPEC_FILE}: {rec['model']}, input {inp.name} {inp.shape}, {len(classes)} classes"

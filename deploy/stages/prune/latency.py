@@ -1,0 +1,256 @@
+"""Latency-aware pruning, NetAdapt-style (Yang et al. 2018, arXiv:1804.03230), measured on ORT's CPU provider.
+
+Each step proposes one candidate per Torch-Pruning dependency group: the group's least important `latency_step`
+of channels removed (kept width a multiple of round_to). Every candidate is exported and timed on ONNX Runtime,
+and its accuracy cost is estimated without labels: the KL divergence of its predictions from the unpruned
+model's on the calibration images, after re-estimating BatchNorm statistics (adapt_bn: the cheap stand-in for
+NetAdapt's short fine-tune, as in EagleEye). The step keeps the candidate with the least KL increase per ms
+saved; steps repeat until the measured latency is within `latency_budget` of the unpruned model's.
+
+Timing on a shared machine: batch 1 on one ORT thread; the unpruned, current and candidate models run in
+alternating rounds (`interleaved_best_ms`) so load from other processes hits all of them alike, and each model
+is the fastest of its runs; a round lasts at least ROUND_MS per model, so a brief disturbance cannot cover all
+of a small model's rounds. Two ORT sessions of the same model differ by up to ~1.5% (measured here:
+placement in memory), so every model is loaded twice and its figure is the mean of both; a candidate counts
+only when it saves more than the two sessions of the current model differ by, and more than 0.5%. When no
+candidate counts, every one is timed again with twice the rounds before the search gives up.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ... import macs
+from ...console import info
+from ...errors import DeployError
+from ...recipe import ExportConfig, PruneConfig
+from ...runtimes.base import interleaved_best_ms
+from ...runtimes.ort import OrtCpu
+from ..export_onnx import export
+from .groups import adapt_bn, importance, protected_layers, traceable_shuffle, widths
+
+# The accuracy proxy (BN re-estimation and KL) runs on calibration images worth this many pixels, per candidate
+# (128 images at 64x64, the 32-image minimum at 224x224), which bounds its cost at large inputs.
+PROXY_PIXELS, MIN_PROXY_IMAGES = 128 * 64 * 64, 32
+ROUNDS, MIN_RUNS, SESSIONS = 10, 10, 2  # timing: rounds x runs per model, interleaved; sessions per model
+ROUND_MS = 20.0  # at least this long per model and round: 31 runs a round for mobilenet_v3_small at 64 px
+MAX_STEPS = 200
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Torch on `n` threads for the search. On this 2-core machine shared with other jobs, one forward pass of
+    64 images took 2.3 s on 2 OpenMP threads and 0.03 s on 1, and idle OpenMP workers spin into ORT's timing."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@dataclass
+class _Proposal:
+    group: str  # the group's root layer, as Torch-Pruning names it
+    layers: list[str]  # the Conv/Linear layers whose outputs shrink
+    channels: tuple[int, int]  # before, after
+    idxs: list[int]  # the channels removed, least important first
+    shapes: tuple  # weight shapes of every layer the group touches: what its latency saving depends on
+
+
+class LatencySearch:
+    """The NetAdapt loop, one `step()` at a time; `model` is the current pruned model (a copy of the input).
+
+    A group's saving depends on the shapes of the layers it touches, so it is timed again only when one of them
+    changed (NetAdapt's look-up table, filled by measuring whole models); the accuracy proxy is recomputed
+    for every candidate at every step."""
+
+    def __init__(self, model: nn.Module, cfg: PruneConfig, input_size: int, data):
+        self.cfg, self.size = cfg, input_size
+        n = max(MIN_PROXY_IMAGES, PROXY_PIXELS // input_size**2)
+        # channels_last: 1.7x faster forward passes than NCHW for these depthwise-separable nets on x86 (oneDNN)
+        self.images = torch.as_tensor(data[:n]).contiguous(memory_format=torch.channels_last)
+        self.model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            self.teacher = F.log_softmax(self.model(self.images), 1)
+        self.kl = 0.0
+        self.steps: list[dict] = []
+        self._saved: dict[str, tuple[tuple, float, float]] = {}  # group -> (shapes, ms saved, noise floor)
+        self._tmp = tempfile.TemporaryDirectory()
+        self.base_sessions = self.sessions = self._load(self.model)
+        base_ms = min(interleaved_best_ms(self.base_sessions, (3, input_size, input_size), 1, 1, MIN_RUNS))
+        self.runs = max(MIN_RUNS, math.ceil(ROUND_MS / base_ms))
+
+    def _load(self, model: nn.Module) -> list[OrtCpu]:
+        path = Path(self._tmp.name) / "candidate.onnx"
+        export(model, path, ExportConfig(simplify=False), self.size)
+        return [OrtCpu(path.read_bytes(), threads=1) for _ in range(SESSIONS)]
+
+    def _time(self, models: list[list[OrtCpu]], rounds: int = ROUNDS) -> list[tuple[float, float]]:
+        """(mean, spread) over each model's sessions of its fastest batch-1 run, all timed interleaved (ms)."""
+        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, rounds, self.runs)
+        per_model = [best[i : i + SESSIONS] for i in range(0, len(best), SESSIONS)]
+        return [(sum(b) / len(b), max(b) - min(b)) for b in per_model]
+
+    def latency(self) -> tuple[float, float]:
+        """Batch-1 latency (ms) of the unpruned and the current model, timed together."""
+        (base, _), (current, _) = self._time([self.base_sessions, self.sessions])
+        return base, current
+
+    def _kl(self, model: nn.Module) -> float:
+        """KL(unpruned || model) on the proxy images after re-estimating `model`'s BatchNorm statistics on them."""
+        model.to(memory_format=torch.channels_last)
+        adapt_bn(model, self.images.split(64))
+        model.eval()
+        with torch.no_grad():
+            logp = F.log_softmax(model(self.images), 1)
+        return F.kl_div(logp, self.teacher, log_target=True, reduction="batchmean").item()
+
+    def _dependency_graph(self, model: nn.Module):
+        import torch_pruning as tp
+
+        with traceable_shuffle():
+            return tp.DependencyGraph().build_dependency(model, torch.zeros(1, 3, self.size, self.size))
+
+    def _proposals(self) -> list[_Proposal]:
+        """One proposal for every group of the current model that can still shrink by a step."""
+        cfg, model = self.cfg, self.model
+        dg = self._dependency_graph(model)
+        modules = dict(model.named_modules())
+        names = {m: n for n, m in modules.items()}
+        if cfg.importance == "taylor":  # gradients of the loss against the model's own predictions (no labels)
+            logits = model(self.images[:32])
+            F.cross_entropy(logits, logits.argmax(1)).backward()
+        score = importance(cfg.importance)
+        out = []
+        ignored = [modules[n] for n in protected_layers(model, cfg)]
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
+            scores = score(group)
+            width = len(group[0].idxs)
+            keep = max(cfg.round_to, cfg.round_to * int(width * (1 - cfg.latency_step) / cfg.round_to))
+            if scores is None or keep >= width:
+                continue
+            touched = {d.target.module for d, _ in group if isinstance(d.target.module, nn.Module)}
+            layers = sorted(names[m] for m in touched if isinstance(m, (nn.Conv2d, nn.Linear)) and any(
+                d.target.module is m and dg.is_out_channel_pruning_fn(d.handler) for d, _ in group))  # fmt: skip
+            weighted = [m for m in touched if getattr(m, "weight", None) is not None]
+            shapes = tuple(sorted((names[m], tuple(m.weight.shape)) for m in weighted))
+            idxs = torch.argsort(scores)[: width - keep].tolist()
+            out.append(_Proposal(names[group[0].dep.target.module], layers, (width, keep), idxs, shapes))
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def _pruned(self, p: _Proposal) -> nn.Module:
+        model = copy.deepcopy(self.model)
+        dg = self._dependency_graph(model)
+        module = model.get_submodule(p.group)
+        dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, p.idxs).prune()
+        return model
+
+    def _time_savings(self, proposals: list[_Proposal], rounds: int) -> dict[str, tuple[nn.Module, list[OrtCpu]]]:
+        """Time the proposals whose layers changed since they were last timed, against the current model."""
+        built = {}
+        for p in proposals:
+            if self._saved.get(p.group, (None,))[0] != p.shapes:
+                model = self._pruned(p)
+                built[p.group] = (model, self._load(model))
+        (current, spread), *timed = self._time([self.sessions] + [s for _, s in built.values()], rounds)
+        # A saving counts when it exceeds the spread of the current model's sessions and 0.5% of its latency:
+        # two sessions of one model differ by up to 1.5% here (see the module docstring).
+        floor = max(spread, 0.005 * current)
+        shapes = {p.group: p.shapes for p in proposals}
+        for group, (ms, _) in zip(built, timed):
+            self._saved[group] = (shapes[group], current - ms, floor)
+        return built
+
+    def step(self, rounds: int = ROUNDS) -> dict | None:
+        """Prune the group that costs least KL per ms saved; its record, or None when no group saves measurable time."""
+        start = time.perf_counter()
+        proposals = self._proposals()
+        built = self._time_savings(proposals, rounds)
+        best = None
+        for p in proposals:
+            _, saved, floor = self._saved[p.group]
+            if saved <= floor:
+                continue
+            model = built[p.group][0] if p.group in built else self._pruned(p)
+            kl = self._kl(model)
+            score = (kl - self.kl) / saved
+            if best is None or score < best[0]:
+                best = (score, p, model, saved, kl)
+        if best is None and rounds == ROUNDS:
+            # No saving counts: those timed at earlier steps may be stale and this timing may have been disturbed,
+            # so time every group again, with twice the rounds
+            self._saved.clear()
+            return self.step(2 * rounds)
+        if best is None:
+            return None
+        score, chosen, model, saved, kl = best
+        sessions = built[chosen.group][1] if chosen.group in built else self._load(model)
+        self.model, self.sessions, self.kl = model, sessions, kl
+        record = {"group": chosen.group, "layers": chosen.layers, "channels": list(chosen.channels),
+                  "ms_saved": round(saved, 4), "kl": round(kl, 5), "kl_per_ms": round(score, 4),
+                  "proposals": len(proposals), "timed": len(built),
+                  "measurable": sum(self._saved[p.group][1] > self._saved[p.group][2] for p in proposals),
+                  "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        self.steps.append(record)
+        return record
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+
+def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:
+    """Prune a copy of `model` step by step until its batch-1 ORT CPU latency is cfg.latency_budget of the
+    unpruned model's, measured; `data` (N x 3 x H x W calibration images) drives the accuracy proxy and the
+    final BatchNorm re-estimation. Returns the pruned model and its record (latency before/after, the steps,
+    the widths)."""
+    if data is None or len(data) == 0:
+        raise DeployError("prune.mode latency needs calibration images (its accuracy proxy runs on them)")
+    start = time.perf_counter()
+    with _torch_threads(1):
+        search = LatencySearch(model, cfg, input_size, data)
+        try:
+            while True:
+                base_ms, ms = search.latency()
+                if search.steps:
+                    last = search.steps[-1]
+                    last["latency_ratio"] = round(ms / base_ms, 4)  # measured after the step
+                    info(f"  prune step {len(search.steps)}: {last['group']} {last['channels'][0]} -> "
+                         f"{last['channels'][1]}, latency {ms / base_ms:.3f} of unpruned (budget {cfg.latency_budget})")
+                if ms <= cfg.latency_budget * base_ms:
+                    break
+                if len(search.steps) >= MAX_STEPS or search.step() is None:
+                    raise DeployError(
+                        f"prune: latency budget {cfg.latency_budget} not reached: {ms / base_ms:.2f} of the unpruned "
+                        f"latency after {len(search.steps)} steps, no group left whose pruning saves measurable time"
+                    )
+        finally:
+            search.close()
+        pruned = search.model.to(memory_format=torch.contiguous_format)
+        adapt_bn(pruned, (data[i : i + 64] for i in range(0, len(data), 64)))
+        pruned.eval()
+    before, after = macs.count(model, input_size), macs.count(pruned, input_size)
+    record = {"mode": "latency", "latency_budget": cfg.latency_budget, "latency_step": cfg.latency_step,
+        "latency_before_ms": round(base_ms, 4), "latency_after_ms": round(ms, 4),
+        "latency_ratio": round(ms / base_ms, 4),
+        "latency_measured": f"batch 1, 1 ORT CPU thread, fastest of {ROUNDS} rounds x {search.runs} runs interleaved, "
+                            f"mean of {SESSIONS} sessions",
+        "proxy": f"KL(unpruned || pruned) on {len(search.images)} calibration images after BatchNorm re-estimation",
+        "kl": search.kl, "steps": search.steps, "seconds": round(time.perf_counter() - start, 1),
+        "bn_adapted_on": len(data), "importance": cfg.importance, "round_to": cfg.round_to,
+        "before": before, "after": after, "macs_reduction": 1 - after["macs"] / before["macs"],
+        "params_reduction": 1 - after["params"] / before["params"], "protected": protected_layers(model, cfg),
+        "widths": widths(pruned),
+    }  # fmt: skip
+    return pruned, record

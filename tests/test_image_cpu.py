@@ -1,0 +1,137 @@
+"""docker/Dockerfile.cpu built and run for real (podman or docker): a fixture build served from a read-only mount,
+/healthz, /predict (the same top-1 as `deploy run` outside), /metrics, non-root, HEALTHCHECK, no torch, < 500 MB.
+
+Minutes (an image build): runs only with DEPLOY_CONTAINER=1 (and podman or docker); CI sets it up with
+../shared/tools/container-setup, which provides python:3.11-slim-bookworm locally."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from deploy import recipe as recipes
+from deploy.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TAG = "localhost/edge-deploy:cpu-test"
+MAX_IMAGE_BYTES = 500 * 1000 * 1000
+pytestmark = pytest.mark.container
+
+
+@pytest.fixture(scope="module")
+def engine() -> str:
+    if os.environ.get("DEPLOY_CONTAINER") != "1":
+        pytest.skip("image build and run take minutes: set DEPLOY_CONTAINER=1 to run")
+    found = shutil.which("podman") or shutil.which("docker")
+    if found is None:
+        pytest.skip("neither podman nor docker is installed")
+    return found
+
+
+def _run(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), check=False, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode:
+        pytest.fail(f"{' '.join(args)} failed ({done.returncode}): {(done.stdout + done.stderr)[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def image(engine) -> str:
+    start = time.monotonic()
+    oci_drops_healthcheck = ["--format", "docker"] if Path(engine).name == "podman" else []
+    _run(engine, "build", *oci_drops_healthcheck, "-f", str(ROOT / "docker" / "Dockerfile.cpu"), "-t", TAG, str(ROOT))
+    print(f"image built in {time.monotonic() - start:.0f} s")
+    yield TAG
+    _run(engine, "rmi", "-f", TAG, check=False)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """A real int8 `deploy build` of MobileNetV3-Small (3 classes, random weights, 64 px), readable by any user."""
+    from deploy import models
+
+    root = tmp_path_factory.mktemp("image")
+    torch.manual_seed(0)
+    r = recipes.override(recipes.load("mobilenet_v3_small"), {
+        "model.num_classes": 3, "preprocess.resize": 72, "preprocess.input_size": 64, "quantize.enabled": True,
+        "quantize.calibration.samples": 16, "verify.heldout": 8, "verify.latency.runs": 3, "verify.latency.warmup": 1,
+        "verify.latency.batch": 2, "verify.max_top1_drop": None, "model.weights": str(root / "w.pth")})  # fmt: skip
+    torch.save(models.architecture(r.model).state_dict(), root / "w.pth")
+    (root / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
+    assert main(["build", str(root / "recipe.yaml"), "--out", str(root / "build")]) == 0
+    for p in [root, *root.rglob("*")]:  # the server runs as uid 10001
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return root / "build"
+
+
+@pytest.fixture(scope="module")
+def server(engine, image, artifact):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"edge-deploy-test-{os.getpid()}"
+    start = time.monotonic()
+    _run(engine, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
+         "-v", f"{artifact}:/models/artifact:ro", image)  # fmt: skip
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            logs = _run(engine, "logs", name, check=False)
+            _run(engine, "rm", "-f", name, check=False)
+            pytest.fail(f"the container did not answer /healthz: {logs.stdout + logs.stderr}")
+        time.sleep(0.5)
+    print(f"container answered /healthz {time.monotonic() - start:.1f} s after `run`")
+    yield name, url
+    _run(engine, "rm", "-f", name, check=False)
+
+
+def test_image_serves_the_build_like_deploy_run_outside(server, artifact, skimage_photos, capsys):
+    _, url = server
+    health = httpx.get(f"{url}/healthz").json()
+    assert health == {"status": "ok", "model": "model.int8.onnx", "runtime": "onnxruntime-cpu"}
+    photo = skimage_photos / "chelsea.png"
+    r = httpx.post(f"{url}/predict", files={"image": (photo.name, photo.read_bytes(), "image/png")}, timeout=30)
+    assert r.status_code == 200, r.text
+    top1 = r.json()["top_k"][0]
+    capsys.readouterr()
+    assert main(["run", str(artifact), str(photo), "-k", "1"]) == 0
+    outside = capsys.readouterr().out.splitlines()[1]
+    assert outside.startswith(f"{photo}: {top1['name']} ({top1['probability']:.3f})")
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    assert samples[("deploy_requests_total", (("endpoint", "/predict"), ("status", "200")))] == 1
+
+
+def test_image_is_slim_non_root_and_healthy(engine, server, image):
+    name, _ = server
+    assert _run(engine, "exec", name, "id", "-u").stdout.strip() == "10001"
+    no_torch = _run(engine, "exec", name, "python", "-c", "import torch", check=False)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    write = _run(engine, "exec", name, "touch", "/models/artifact/x", check=False)
+    assert write.returncode != 0  # mounted read-only
+    if Path(engine).name == "podman":
+        assert _run(engine, "healthcheck", "run", name).returncode == 0
+        status = json.loads(_run(engine, "inspect", name).stdout)[0]["State"]["Health"]["Status"]
+    else:  # docker runs the HEALTHCHECK on its own schedule: wait for the first result
+        deadline = time.monotonic() + 90
+        while (status := _run(engine, "inspect", "-f", "{{.State.Health.Status}}", name).stdout.strip()) == "starting":
+            assert time.monotonic() < deadline, "no HEALTHCHECK result within 90 s"
+            time.sleep(2)
+    assert status == "healthy"
+    size = int(_run(engine, "image", "inspect", "-f", "{{.Size}}", image).stdout.strip())
+    print(f"image size {size / 1e6:.0f} MB")
+    assert size < MAX_IMAGE_BYTES, f"{size / 1e6:.0f} MB"
