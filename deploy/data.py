@@ -37,23 +37,18 @@ class ImageSet:
 
 
 class Preprocessor:
-    """Resize the short side, center-crop, scale to [0, 1], normalize: the model's evaluation transform."""
+    """The model's evaluation transform: resize the short side, center-crop, scale to [0, 1], normalize. One
+    implementation, in Pillow + numpy, for builds and serving (deploy/serving/preprocess.py); it equals
+    torchvision's eval transforms on PIL images (tests/serving/test_serving_no_torch.py)."""
 
     def __init__(self, cfg: Preprocess):
-        from torchvision.transforms import InterpolationMode, v2
+        from .serving.preprocess import Preprocess as Transform
 
         self.cfg = cfg
-        self.transform = v2.Compose([  # on the PIL image, as torchvision's and timm's eval transforms do
-            v2.Resize(cfg.resize, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
-            v2.CenterCrop(cfg.input_size),
-            v2.PILToTensor(),
-        ])  # fmt: skip
-        self.mean = np.array(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.array(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+        self.transform = Transform(cfg.resize, cfg.input_size, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std))
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        pixels = self.transform(image.convert("RGB")).numpy().astype(np.float32) / 255.0
-        return (pixels - self.mean) / self.std
+        return self.transform(image)
 
 
 def list_images(root: Path, what: str) -> list[Path]:

@@ -95,9 +95,10 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def small_build(root: Path, int8: bool = True) -> Path:
+def small_build(root: Path, int8: bool = True, *args: str, **overrides) -> Path:
     """A real `deploy build` output in root/build: MobileNetV3-Small, 3 classes, random weights saved as a
-    checkpoint, 64 px, fp32 (+ int8), built-in calibration photos."""
+    checkpoint, 64 px, fp32 (+ int8), built-in calibration photos; `args` go to `deploy build`, `overrides` (dotted
+    recipe paths) to the recipe."""
     import yaml
 
     from deploy import models
@@ -108,10 +109,10 @@ def small_build(root: Path, int8: bool = True) -> Path:
     r = recipes.override(recipes.load("mobilenet_v3_small"), {
         "model.num_classes": 3, "preprocess.resize": 72, "preprocess.input_size": 64, "quantize.enabled": int8,
         "quantize.calibration.samples": 16, "verify.heldout": 8, "verify.latency.runs": 3, "verify.latency.warmup": 1,
-        "verify.latency.batch": 2, "verify.max_top1_drop": None, "model.weights": str(root / "w.pth")})  # fmt: skip
+        "verify.latency.batch": 2, "verify.max_top1_drop": None, "model.weights": str(root / "w.pth"), **overrides})  # fmt: skip
     torch.save(models.architecture(r.model).state_dict(), root / "w.pth")
     (root / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
-    assert main(["build", str(root / "recipe.yaml"), "--out", str(root / "build")]) == 0
+    assert main(["build", str(root / "recipe.yaml"), "--out", str(root / "build"), *args]) == 0
     return root / "build"
 
 

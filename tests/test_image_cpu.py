@@ -14,12 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy import recipe as recipes
 from deploy.cli import main
+from helpers import small_build
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "localhost/edge-deploy:cpu-test"
@@ -56,21 +54,11 @@ def image(engine) -> str:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    """A real int8 `deploy build` of MobileNetV3-Small (3 classes, random weights, 64 px), readable by any user."""
-    from deploy import models
-
-    root = tmp_path_factory.mktemp("image")
-    torch.manual_seed(0)
-    r = recipes.override(recipes.load("mobilenet_v3_small"), {
-        "model.num_classes": 3, "preprocess.resize": 72, "preprocess.input_size": 64, "quantize.enabled": True,
-        "quantize.calibration.samples": 16, "verify.heldout": 8, "verify.latency.runs": 3, "verify.latency.warmup": 1,
-        "verify.latency.batch": 2, "verify.max_top1_drop": None, "model.weights": str(root / "w.pth")})  # fmt: skip
-    torch.save(models.architecture(r.model).state_dict(), root / "w.pth")
-    (root / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
-    assert main(["build", str(root / "recipe.yaml"), "--out", str(root / "build")]) == 0
-    for p in [root, *root.rglob("*")]:  # the server runs as uid 10001
+    """A real int8 build, readable by any user (the server runs as uid 10001)."""
+    build = small_build(tmp_path_factory.mktemp("image"))
+    for p in [build.parent, *build.parent.rglob("*")]:
         p.chmod(0o755 if p.is_dir() else 0o644)
-    return root / "build"
+    return build
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from deploy import recipe as recipes
 from deploy.cli import main
 from deploy.remote import ssh
 from deploy.remote.verify import RUNNER, TIMING
+from helpers import small_build
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -138,21 +136,8 @@ def sshd(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """A real `deploy build` output: MobileNetV3-Small, 3 classes, random weights, 64 px, fp32 + int8, held-out
-    images from the built-in calibration photos."""
-    from deploy import models
-
-    root = tmp_path_factory.mktemp("remote")
-    torch.manual_seed(0)
-    r = recipes.override(recipes.load("mobilenet_v3_small"), {
-        "model.num_classes": 3, "preprocess.resize": 72, "preprocess.input_size": 64, "quantize.enabled": True,
-        "quantize.calibration.samples": 16, "verify.heldout": 8, "verify.latency.runs": 5, "verify.latency.warmup": 1,
-        "verify.latency.batch": 2, "verify.latency.threads": 1, "verify.max_top1_drop": None,
-        "model.weights": str(root / "w.pth")})  # fmt: skip
-    torch.save(models.architecture(r.model).state_dict(), root / "w.pth")
-    (root / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
-    assert main(["build", str(root / "recipe.yaml"), "--out", str(root / "build")]) == 0
-    return root / "build"
+    """Held-out images from the built-in calibration photos; latency on one thread."""
+    return small_build(tmp_path_factory.mktemp("remote"), **{"verify.latency.runs": 5, "verify.latency.threads": 1})
 
 
 @pytest.fixture

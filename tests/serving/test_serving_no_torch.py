@@ -10,16 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 from deploy import recipe as recipes
-from deploy.cli import main
-from deploy.data import Preprocessor
 from deploy.errors import DeployError
 from deploy.serving import spec as serving_spec
 from deploy.serving.preprocess import Preprocess
+from helpers import small_build
 
 SERVING = Path(__file__).resolve().parents[2] / "deploy" / "serving"
 # what the slim install ([serve]) lacks: none of it may be imported on the serving path
@@ -28,30 +25,16 @@ BUILD_STACK = ("torch", "torchvision", "timm", "onnx", "onnxslim", "yaml", "pyda
 
 @pytest.fixture(scope="module")
 def labeled_build(tmp_path_factory):
-    """A real int8 build of MobileNetV3-Small (3 classes, random weights, 64 px) validated on class folders."""
-    from deploy import models
-
-    root = tmp_path_factory.mktemp("served")
+    """A real int8 build validated on class folders (cat, cup, rocket) of real photos."""
     import skimage
 
+    root = tmp_path_factory.mktemp("served")
     photos = Path(skimage.__file__).parent / "data"
-    for cls, files in {
-        "cat": ["chelsea.png", "astronaut.png"],
-        "cup": ["coffee.png"],
-        "rocket": ["rocket.jpg"],
-    }.items():
+    for cls, files in {"cat": ["chelsea.png", "astronaut.png"], "cup": ["coffee.png"], "rocket": ["rocket.jpg"]}.items():
         (root / "val" / cls).mkdir(parents=True)
         for f in files:
             shutil.copy(photos / f, root / "val" / cls / f)
-    torch.manual_seed(0)
-    r = recipes.override(recipes.load("mobilenet_v3_small"), {
-        "model.num_classes": 3, "preprocess.resize": 72, "preprocess.input_size": 64, "quantize.enabled": True,
-        "quantize.calibration.samples": 16, "verify.latency.runs": 3, "verify.latency.warmup": 1,
-        "verify.latency.batch": 2, "verify.max_top1_drop": None, "model.weights": str(root / "w.pth")})  # fmt: skip
-    torch.save(models.architecture(r.model).state_dict(), root / "w.pth")
-    (root / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
-    assert main(["build", str(root / "recipe.yaml"), "--val", str(root / "val"), "--out", str(root / "build")]) == 0
-    return root / "build"
+    return small_build(root, True, "--val", str(root / "val"))
 
 
 def test_serving_json_describes_the_recommended_model(labeled_build):
@@ -66,12 +49,23 @@ def test_serving_json_describes_the_recommended_model(labeled_build):
     assert d["max_batch"] == 32 and "serving.json" in report["files"]
 
 
+def _torchvision(cfg):
+    """torchvision's and timm's evaluation transform on a PIL image, as numpy CHW float32."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    steps = v2.Compose([v2.Resize(cfg.resize, interpolation=InterpolationMode(cfg.interpolation), antialias=True),
+                        v2.CenterCrop(cfg.input_size), v2.PILToTensor()])  # fmt: skip
+    mean = np.array(cfg.mean, dtype=np.float32).reshape(3, 1, 1)
+    std = np.array(cfg.std, dtype=np.float32).reshape(3, 1, 1)
+    return lambda image: (steps(image.convert("RGB")).numpy().astype(np.float32) / 255.0 - mean) / std
+
+
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("resize, crop", [(256, 224), (72, 64), (73, 64), (64, 64), (50, 64), (301, 299)])
 def test_pillow_preprocessing_equals_the_torchvision_transform(skimage_photos, resize, crop, interpolation):
     cfg = recipes.Preprocess(resize=resize, input_size=crop, interpolation=interpolation)
     mine = Preprocess.from_dict(cfg.model_dump(mode="json"), "test")
-    theirs = Preprocessor(cfg)
+    theirs = _torchvision(cfg)
     worst = 0.0
     for name in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "horse.png"):
         with Image.open(skimage_photos / name) as img:  # RGB, grey and 1-bit photos; portrait and landscape
@@ -136,7 +130,7 @@ def test_predictor_matches_the_build_transform_and_reads_older_folders(labeled_b
     payload = (skimage_photos / "coffee.png").read_bytes()
     p = Predictor(labeled_build, threads=1)
     report = json.loads((labeled_build / "report.json").read_text())
-    build_pre = Preprocessor(recipes.Preprocess(**report["recipe"]["preprocess"]))
+    build_pre = _torchvision(recipes.Preprocess(**report["recipe"]["preprocess"]))  # what users train with
     with Image.open(skimage_photos / "coffee.png") as img:
         assert np.array_equal(p.decode(payload), build_pre(img))
     old = tmp_path / "old"  # a folder from before serving.json: report.json and the models only
