@@ -179,14 +179,17 @@ def test_bad_port_and_port_in_use_are_one_line_errors(artifact, capsys):
     assert err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
-@pytest.mark.parametrize("report, message", [
-    ("{not json", "not a readable build report (Expecting property name"),
-    ('{"model": "x"}', 'the build report holds no "recipe"'),
-    ('{"recipe": {"model": {"name": 3}}}', "model.name"),
+@pytest.mark.parametrize("name, content, message", [
+    ("serving.json", "{not json", "not readable JSON (Expecting property name"),
+    ("serving.json", '{"schema": 1, "model": "model.fp32.onnx"}', "malformed serving description (KeyError"),
+    ("report.json", "{not json", "not readable JSON (Expecting property name"),  # a folder from before serving.json
+    ("report.json", '{"model": "x"}', 'the build report holds no "recipe"'),
+    ("report.json", '{"recipe": {"model": {"name": 3}}}', "malformed preprocessing"),
 ])  # fmt: skip
-def test_a_broken_report_is_a_one_line_error_naming_it(artifact, tmp_path, skimage_photos, capsys, report, message):
+def test_a_broken_description_is_a_one_line_error_naming_it(artifact, tmp_path, skimage_photos, capsys, name, content,
+                                                            message):  # fmt: skip
     shutil.copy(artifact / "model.fp32.onnx", tmp_path / "model.fp32.onnx")
-    (tmp_path / "report.json").write_text(report)
+    (tmp_path / name).write_text(content)
     assert main(["run", str(tmp_path), str(skimage_photos / "coffee.png")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path / 'report.json'}: ") and message in err
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path / name}: ") and message in err
