@@ -150,7 +150,7 @@ def heldout_count(available: int, samples: int, heldout: int, what: str) -> int:
     n = min(heldout, max(available - samples, available // 5))
     if heldout and not n:
         raise DeployError(f"{what} has {available} images: too few to hold any out for comparing int8 with fp32; "
-                          "add images (5 or more) or pass --val DIR")  # fmt: skip
+                          "add images (5 or more) or pass a validation set (--val DIR, val=)")  # fmt: skip
     return n
 
 

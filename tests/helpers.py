@@ -122,6 +122,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, seconds: float, alive=lambda: True) -> bool:
+    """Whether `url`/healthz answers 200 within `seconds` (polling; stops early when `alive()` turns false)."""
+    deadline = time.monotonic() + seconds
+    while alive() and time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @contextmanager
 def serving(artifact, *args, env=None):
     """`deploy serve` in a subprocess; yields (url, process) once /healthz answers."""
@@ -129,18 +142,11 @@ def serving(artifact, *args, env=None):
     cmd = [sys.executable, "-m", "deploy", "serve", str(artifact), "--port", str(port), "--threads", "1", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {proc.stdout.read()}")
-            time.sleep(0.2)
+        if not wait_healthy(url, 60, alive=lambda: proc.poll() is None):
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.stdout.read()}")
         yield url, proc
     finally:
         proc.terminate()

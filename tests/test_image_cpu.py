@@ -7,7 +7,6 @@ Minutes (an image build): runs only with DEPLOY_CONTAINER=1 (and podman or docke
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.cli import main
-from helpers import small_build
+from helpers import free_port, small_build, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "localhost/edge-deploy:cpu-test"
@@ -63,25 +62,16 @@ def artifact(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(engine, image, artifact):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     name = f"edge-deploy-test-{os.getpid()}"
     start = time.monotonic()
     _run(engine, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000",
          "-v", f"{artifact}:/models/artifact:ro", image)  # fmt: skip
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            logs = _run(engine, "logs", name, check=False)
-            _run(engine, "rm", "-f", name, check=False)
-            pytest.fail(f"the container did not answer /healthz: {logs.stdout + logs.stderr}")
-        time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_healthy(url, 90):
+        logs = _run(engine, "logs", name, check=False)
+        _run(engine, "rm", "-f", name, check=False)
+        pytest.fail(f"the container did not answer /healthz: {logs.stdout + logs.stderr}")
     print(f"container answered /healthz {time.monotonic() - start:.1f} s after `run`")
     yield name, url
     _run(engine, "rm", "-f", name, check=False)

@@ -37,7 +37,7 @@ def check_qdq(args: argparse.Namespace) -> int:
 def engine(args: argparse.Namespace) -> int:
     from .. import recipe as recipes
     from ..errors import DeployError
-    from ..runtimes.tensorrt.qdq_check import load
+    from ..runtimes.tensorrt.qdq_check import load, refuse_errors
     from ..runtimes.tensorrt import unavailable
     from ..runtimes.tensorrt import builder as build_trt
     from ..runtimes.tensorrt.sidecar import engine_path
@@ -49,20 +49,10 @@ def engine(args: argparse.Namespace) -> int:
     why = unavailable()
     if why:
         raise DeployError(why)
-    _refuse_rule_errors(model, args.model, quantized)
+    refuse_errors(model, args.model, quantized)
     out = args.out or args.model.parent
     out.mkdir(parents=True, exist_ok=True)
     side = build_trt.build_engine(args.model, out, cfg, precision)
     print(f"wrote {engine_path(out, precision)} (TensorRT {side['tensorrt']}, {side['gpu']}, "
           f"sm {side['compute_capability']}, {side['build_seconds']:.0f}s)")  # fmt: skip
     return 0
-
-
-def _refuse_rule_errors(model, path: Path, quantized: bool) -> None:
-    from ..errors import DeployError
-    from ..runtimes.tensorrt.qdq_check import check, operators
-
-    errors = [v for v in (check(model) if quantized else operators(model)) if v.severity == "error"]
-    if errors:
-        raise DeployError(f"{path} breaks TensorRT's {'Q/DQ rules' if quantized else 'operator table'} "
-                          f"({len(errors)} errors; first: {errors[0]}); run `deploy check-qdq {path}`")  # fmt: skip

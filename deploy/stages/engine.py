@@ -29,15 +29,12 @@ class Engine:
         import onnx
 
         from ..runtimes.tensorrt.builder import build_engine
-        from ..runtimes.tensorrt.qdq_check import check, operators
+        from ..runtimes.tensorrt.qdq_check import refuse_errors
 
         precision = b.recipe.tensorrt.precision
         model = b.int8_onnx if precision == "int8" else b.fp32_onnx
         # the final int8 model (mixed precision may have re-quantized it since the quantize stage checked it)
-        errors = [v for v in (check if precision == "int8" else operators)(onnx.load(str(model))) if v.severity == "error"]
-        if errors:
-            raise DeployError(f"TensorRT would refuse {model.name} ({len(errors)} errors; first: {errors[0]}); "
-                              f"run `deploy check-qdq {model}`")  # fmt: skip
+        refuse_errors(onnx.load(str(model)), model, precision == "int8")
         side = build_engine(model, b.workdir, b.recipe.tensorrt, precision)
         b.report["engine"] = side
         b.engine = b.workdir / f"model.{precision}.engine"

@@ -178,6 +178,14 @@ def check(model: onnx.ModelProto) -> list[Violation]:
     return out
 
 
+def refuse_errors(model: onnx.ModelProto, path: Path, quantized: bool) -> None:
+    """A one-line DeployError when TensorRT would refuse `model`: its Q/DQ rules (quantized) or operator table."""
+    errors = [v for v in (check(model) if quantized else operators(model)) if v.severity == "error"]
+    if errors:
+        raise DeployError(f"{path} breaks TensorRT's {'Q/DQ rules' if quantized else 'operator table'} "
+                          f"({len(errors)} errors; first: {errors[0]}); run `deploy check-qdq {path}`")  # fmt: skip
+
+
 def _check_qdq_node(g: Graph, n: onnx.NodeProto) -> list[Violation]:
     out = []
     scale = g.const(n.input[1])
