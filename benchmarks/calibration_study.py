@@ -47,7 +47,7 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: data.ImageSet, cou
     model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
     fp32 = work / f"{name}.onnx"
     export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
-    ref = metrics.logits(OrtCpu(fp32), val.inputs, 64, f"{name} fp32")
+    ref = metrics.logits(OrtCpu(fp32), val, 64, f"{name} fp32")
     fp32_top1 = metrics.accuracy(ref, val.labels)["top1"]
     pre = data.Preprocessor(r.preprocess)
     rows = []
@@ -62,7 +62,7 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: data.ImageSet, cou
             row = {"model": name, "images": len(calib), "method": info["calibration"]["method_used"],
                    "seconds": time.perf_counter() - start, "fp32": fp32_top1}  # fmt: skip
             for how, exact in (("exact", True), ("kernels", False)):
-                got = metrics.logits(OrtCpu(out, reference=exact), val.inputs, 64, f"{name} {n} {method} {how}")
+                got = metrics.logits(OrtCpu(out, reference=exact), val, 64, f"{name} {n} {method} {how}")
                 row[how] = metrics.compare(ref, got, val.labels)
             rows.append(row)
             print(f"  {name} {len(calib):5d} {method:10s} agreement {row['exact']['agreement']:.2f}% "

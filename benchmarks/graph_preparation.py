@@ -59,7 +59,7 @@ def main() -> None:
         model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
         fp32 = work / "fp32.onnx"
         export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
-        ref = metrics.logits(OrtCpu(fp32), val.inputs, 32, "fp32")
+        ref = metrics.logits(OrtCpu(fp32), val, 32, "fp32")
         for target in args.targets.split(","):
             cfg = recipe.override(r, {"quantize.enabled": True, "quantize.target": target}).quantize
             for name in args.variants.split(","):
@@ -80,7 +80,7 @@ def main() -> None:
                     row["bc_s"] = correct_bias(source, q, calib, out, images=args.bc_images)["seconds"]
                     q = out
                 for kind, exact in (("exact", True), ("kernels", False)):
-                    got = metrics.logits(OrtCpu(q, reference=exact), val.inputs, 32, f"{name} {kind}")
+                    got = metrics.logits(OrtCpu(q, reference=exact), val, 32, f"{name} {kind}")
                     row[kind] = metrics.compare(ref, got, val.labels)
                 if target == "ort-cpu":
                     speed[name] = q

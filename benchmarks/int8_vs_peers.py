@@ -89,12 +89,12 @@ def bench_model(label: str, r: recipe.Recipe, calib_dir: Path, val: data.ImageSe
     for (name, (path, seconds)), ms1, ms32 in zip(variants.items(), b1, b32):
         row = {"model": label, "variant": name, "ms": ms1, "ips": 32e3 / ms32, "build_s": seconds}
         if val is not None:
-            exact = metrics.logits(OrtCpu(path, reference=True), val.inputs, 64, name)
+            exact = metrics.logits(OrtCpu(path, reference=True), val, 64, name)
             ref = exact if name == "fp32" else ref
             agreement = metrics.compare(ref, exact, None)["agreement"]
             row.update(top1=metrics.accuracy(exact, val.labels)["top1"], agreement=agreement)
             if not exact_int8_kernels():
-                kernels = metrics.logits(OrtCpu(path), val.inputs, 64, name)
+                kernels = metrics.logits(OrtCpu(path), val, 64, name)
                 row["top1_kernels"] = metrics.accuracy(kernels, val.labels)["top1"]
         rows.append(row)
     return rows

@@ -31,7 +31,7 @@ from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu
 from deploy.stages import distill, prune
 from deploy.stages.export_onnx import export
-from deploy.stages.prune.latency import MAX_STEPS, LatencySearch
+from deploy.stages.prune.latency import MAX_STEPS, SESSIONS, LatencySearch, LocalTimer
 from deploy.train import eval_transform, fit, image_folder, subset, train_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def _latency_aware(teacher, uniform, cfg, size, calib) -> dict[str, torch.nn.Mod
     best = interleaved_best_ms([s for pair in sessions for s in pair], (3, size, size), 1, rounds=20, runs=10)
     uniform_ratio = (best[2] + best[3]) / (best[0] + best[1])
     uniform_macs = macs.count(uniform, size)["macs"]
-    search, snaps = LatencySearch(teacher, cfg, size, calib), {}
+    search, snaps = LatencySearch(teacher, cfg, size, calib, LocalTimer(size, SESSIONS)), {}
     try:
         while len(snaps) < 2 and len(search.steps) < MAX_STEPS:
             base_ms, ms = search.latency()
@@ -116,7 +116,7 @@ def main() -> None:
         if args.latency_vs and args.latency_vs not in ratios:
             ratios.append(args.latency_vs)
         for ratio in ratios:
-            cfg = recipe.prune.model_copy(update={"enabled": True, "ratio": ratio})
+            cfg = recipe.prune.model_copy(update={"enabled": True, "ratio": ratio, "scope": "uniform"})
             pruned, _ = prune.prune(teacher, cfg, size, calib)
             if ratio == args.latency_vs:
                 compared[f"uniform {ratio:.0%} MACs"] = copy.deepcopy(pruned)

@@ -34,6 +34,8 @@ SHORTCUTS = {
     "max_top1_drop": "verify.max_top1_drop",
     "threads": "verify.latency.threads",
     "runtime": "verify.runtime",
+    "workers": "verify.workers",
+    "val_limit": "verify.val_limit",
 }
 
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from .console import track, warn
 from .errors import DeployError
+from .evalset import EvalSet, Files, sample
 from .recipe import Preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -23,14 +24,12 @@ SYNSET = re.compile(r"n\d{8}")
 
 @dataclass
 class ImageSet:
-    """Preprocessed images (N, 3, H, W float32), their labels when known, and what could not be read."""
+    """Preprocessed images in memory (N, 3, H, W float32: the calibration and held-out ones) and what could not
+    be read. Validation images are streamed instead (deploy.evalset)."""
 
     inputs: np.ndarray
-    labels: np.ndarray | None
     files: list[str]
     skipped: list[str] = field(default_factory=list)
-    class_mapping: str | None = None  # how folder names became class indices (labeled sets)
-    classes: list[str] | None = None  # class names in class-index order (labeled sets)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -61,7 +60,7 @@ def list_images(root: Path, what: str) -> list[Path]:
     return paths
 
 
-def _read(path: Path) -> Image.Image | None:
+def read_image(path: Path) -> Image.Image | None:
     """The decoded image, or None when unreadable or over the image limits (deploy.images)."""
     from .serving.images import Limits, open_image
 
@@ -77,7 +76,7 @@ def preprocess(paths: list[Path], pre: Preprocessor, what: str) -> tuple[np.ndar
     arrays, kept, skipped = [], [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
         for i, (path, img) in enumerate(
-            track(zip(paths, pool.map(_read, paths)), f"Reading {what}", total=len(paths))
+            track(zip(paths, pool.map(read_image, paths)), f"Reading {what}", total=len(paths))
         ):
             if img is None:
                 skipped.append(str(path))
@@ -105,9 +104,11 @@ def class_names(num_classes: int, class_dirs: list[str] | None = None) -> list[s
     return class_dirs or [str(i) for i in range(num_classes)]
 
 
-def labeled_set(root: Path, pre: Preprocessor, num_classes: int) -> ImageSet:
-    """A labeled folder (one subfolder per class). Synset-named folders map to ImageNet's 1000-class
-    index, so a folder may cover only some classes; other names are numbered in sorted order."""
+def labeled_set(root: Path, pre: Preprocessor, num_classes: int, *, limit: int | None = None, seed: int = 0,
+                workers: int | None = None) -> EvalSet:  # fmt: skip
+    """A labeled folder (one subfolder per class), streamed. Synset-named folders map to ImageNet's 1000-class
+    index, so a folder may cover only some classes; other names are numbered in sorted order. `limit`: a
+    sample of that many images drawn with `seed`."""
     paths = list_images(root, "validation")
     dirs = sorted({p.parent.name for p in paths if p.parent != root})
     if not dirs or any(p.parent == root for p in paths):
@@ -129,9 +130,12 @@ def labeled_set(root: Path, pre: Preprocessor, num_classes: int) -> ImageSet:
             f"{root} has {len(dirs)} class folders but the model has {num_classes} classes; "
             "name folders by ImageNet synset (n01440764, ...) or give exactly one folder per class"
         )
-    inputs, kept, skipped = preprocess(paths, pre, "validation")
-    labels = np.array([index[paths[i].parent.name] for i in kept], dtype=np.int64)
-    return ImageSet(inputs, labels, [str(paths[i]) for i in kept], skipped, mapping, classes)
+    total = len(paths)
+    paths = [paths[i] for i in sample(total, limit, seed)]
+    labels = np.array([index[p.parent.name] for p in paths], dtype=np.int64)
+    sampled = {"limit": limit, "seed": seed, "of": total} if len(paths) < total else None
+    return EvalSet(Files(paths, labels, pre), what="validation", labeled=True, workers=workers,
+                   names=[str(p) for p in paths], class_mapping=mapping, classes=classes, sampled=sampled)  # fmt: skip
 
 
 def sha256(path: Path) -> str:
@@ -171,7 +175,7 @@ def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: i
     if n_hold:
         hold_paths = sorted(paths[i] for i in hold)
         h_inputs, h_kept, h_skipped = preprocess(hold_paths, pre, "held-out")
-        held = ImageSet(h_inputs, None, [str(hold_paths[i]) for i in h_kept], h_skipped)
+        held = ImageSet(h_inputs, [str(hold_paths[i]) for i in h_kept], h_skipped)
     manifest = {
         "source": str(root.resolve()),
         "builtin": False,
@@ -183,7 +187,7 @@ def calibration_data(root: Path | None, pre: Preprocessor, samples: int, seed: i
         "files": [{"path": str(calib_paths[i].relative_to(root)), "sha256": sha256(calib_paths[i])} for i in kept],
         "heldout": len(held) if held else 0,
     }
-    return CalibrationData(ImageSet(inputs, None, [str(calib_paths[i]) for i in kept], skipped), held, manifest)
+    return CalibrationData(ImageSet(inputs, [str(calib_paths[i]) for i in kept], skipped), held, manifest)
 
 
 def builtin_manifest() -> dict:
@@ -219,10 +223,10 @@ def _builtin(pre: Preprocessor, samples: int, seed: int, with_heldout: bool) -> 
     views = np.stack(sets["calib"])
     if samples < len(views):
         views = views[np.sort(np.random.default_rng(seed).choice(len(views), samples, replace=False))]
-    calib = ImageSet(views, None, [e["file"] for e in manifest["images"] if not e.get("heldout")])
+    calib = ImageSet(views, [e["file"] for e in manifest["images"] if not e.get("heldout")])
     held = None
     if with_heldout:
-        held = ImageSet(np.stack(sets["heldout"]), None, [e["file"] for e in manifest["images"] if e.get("heldout")])
+        held = ImageSet(np.stack(sets["heldout"]), [e["file"] for e in manifest["images"] if e.get("heldout")])
     summary = {"source": f"built-in: {manifest['description']}", "builtin": True, "seed": seed, "used": len(calib),
                "files": manifest["images"], "heldout": len(held) if held else 0}  # fmt: skip
     return CalibrationData(calib, held, summary)

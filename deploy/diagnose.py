@@ -17,6 +17,7 @@ from .errors import DeployError
 def run(args: argparse.Namespace) -> int:
     from . import data
     from .core import report
+    from .evalset import EvalSet
     from .stages.int8.sensitivity import analyze, worst
 
     if args.top <= 0 or args.sqnr_images <= 0 or args.images < 0:
@@ -33,21 +34,23 @@ def run(args: argparse.Namespace) -> int:
     pre, q = data.Preprocessor(recipe.preprocess), recipe.quantize
     cal = data.calibration_data(calib_dir, pre, q.calibration.samples, q.calibration.seed,
                                 recipe.verify.heldout if heldout else 0)  # fmt: skip
-    val = data.labeled_set(args.val, pre, recipe.model.num_classes) if args.val else cal.heldout
-    if val is None:
+    if args.val:
+        val = data.labeled_set(args.val, pre, recipe.model.num_classes)
+    elif cal.heldout is None:
         raise DeployError(f"{build} was built with --val: pass --val again for the images to evaluate on")
-    labels = val.labels if args.val else None
+    else:
+        val = EvalSet.arrays(cal.heldout.inputs)
     kinds = () if not args.images else ("excluded",) if args.no_alone else ("excluded", "alone")
     # the fp32 model the int8 one was quantized from (equalized, padded or fine-tuned by QAT: deploy/stages/int8/)
     source = build / json.loads((build / "report.json").read_text())["quantize"].get("source", "model.fp32.onnx")
-    result = analyze(source, build / "model.int8.onnx", cal.calib.inputs, val.inputs, labels, q,
+    result = analyze(source, build / "model.int8.onnx", cal.calib.inputs, val, q,
                      build / "calibration-cache", args.sqnr_images, args.images, kinds, args.threads)  # fmt: skip
     result = {"schema": 1, "model": recipe.model.name, "target": q.target, "build": str(build.resolve()),
               "dataset": f"{min(args.images, len(val))} of {len(val)} {'labeled validation' if args.val else 'held-out'} images",
               **result}  # fmt: skip
     result["plot"] = report.sensitivity_plot(result, out / "diagnose.png", f"{recipe.model.name} ({q.target})")
     if args.mixed_precision:
-        result["mixed_precision"] = _mixed_precision(result, recipe, args, source, out, cal.calib.inputs, val.inputs, labels)
+        result["mixed_precision"] = _mixed_precision(result, recipe, args, source, out, cal.calib.inputs, val)
     (out / "diagnose.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "diagnose.md").write_text(_markdown(result, args.top))
     _print_table(result, worst(result["layers"], args.top, result["ranking"]))
@@ -91,7 +94,7 @@ def _existing_build(folder: Path, args: argparse.Namespace):
     return folder, recipe, calib, report["calibration"]["heldout"] > 0
 
 
-def _mixed_precision(result: dict, recipe, args, source: Path, out: Path, calib, images, labels) -> dict:
+def _mixed_precision(result: dict, recipe, args, source: Path, out: Path, calib, images) -> dict:
     from .console import warn
     from .stages.int8.mixed_precision import MixedPrecisionFailed, fallback
 
@@ -106,7 +109,7 @@ def _mixed_precision(result: dict, recipe, args, source: Path, out: Path, calib,
         ranked = [r["node"] for r in sorted(result["layers"], key=lambda r: -r.get("excluded_gain_db", 0))
                   if r.get("excluded_gain_db", 0) > 0]  # fmt: skip
     try:
-        record = fallback(source, calib, images, labels, cfg, thresholds, out / "model.mixed.onnx",
+        record = fallback(source, calib, images, cfg, thresholds, out / "model.mixed.onnx",
                           source.parent / "calibration-cache", ranked, args.threads)  # fmt: skip
     except MixedPrecisionFailed as err:
         warn(str(err))

@@ -36,6 +36,15 @@ def _efficientnet_lite0(width: float, num_classes: int):
     return _gen_efficientnet_lite("efficientnet_lite0", channel_multiplier=width, num_classes=num_classes)
 
 
+def _shufflenet_v1(groups: int):
+    def build(width: float, num_classes: int):
+        from .shufflenet_v1 import ShuffleNetV1
+
+        return ShuffleNetV1(groups, width, num_classes)
+
+    return build
+
+
 def _mnasnet(width: float, num_classes: int):
     import torchvision
 
@@ -50,6 +59,7 @@ WIDTH_FAMILIES = {
     "mobilenet_v3_large": _torchvision("mobilenet_v3_large", "width_mult"),
     "mnasnet1_0": _mnasnet,
     "efficientnet_lite0": _efficientnet_lite0,
+    **{f"shufflenet_v1_g{g}_x{w}": _shufflenet_v1(g) for g in (3, 8) for w in ("1_0", "0_5")},
 }
 
 
@@ -136,10 +146,9 @@ def _top1(fp32: Path, int8: Path | None, r, res: int, val: Path, num_classes: in
 
     pre = data.Preprocessor(r.preprocess.model_copy(update={"input_size": res, "resize": round(res * 256 / 224)}))
     images = data.labeled_set(val, pre, num_classes)
-    out = {"fp32_top1": metrics.accuracy(metrics.logits(OrtCpu(fp32, threads), images.inputs, 32, "fp32"), images.labels)["top1"]}
-    if int8:
-        out["int8_top1"] = metrics.accuracy(metrics.logits(OrtCpu(int8, threads), images.inputs, 32, "int8"), images.labels)["top1"]
-    return out
+    runtimes = {"fp32": OrtCpu(fp32, threads), **({"int8": OrtCpu(int8, threads)} if int8 else {})}
+    got = metrics.logits_many(runtimes, images, 32, "Evaluating " + ", ".join(runtimes))
+    return {f"{name}_top1": metrics.accuracy(logits, images.labels)["top1"] for name, logits in got.items()}
 
 
 def _cells(v: dict) -> list[str]:

@@ -5,13 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 from .console import track
+from .evalset import EvalSet
 from .recipe import VerifyConfig
 from .runtimes.base import Runtime
 
 
-def logits(rt: Runtime, inputs: np.ndarray, batch: int, what: str) -> np.ndarray:
-    chunks = range(0, len(inputs), batch)
-    return np.concatenate([rt.infer(inputs[i : i + batch]) for i in track(chunks, what, total=len(chunks))])
+def logits_many(runtimes: dict[str, Runtime], images: EvalSet | np.ndarray, batch: int, what: str) -> dict[str, np.ndarray]:
+    """Each runtime's logits on `images` (streamed, or an array in memory), decoding each batch once for all."""
+    if isinstance(images, np.ndarray):
+        chunks = range(0, len(images), batch)
+        batches = ((images[i : i + batch], None) for i in track(chunks, what, total=len(chunks)))
+    else:
+        batches = images.batches(batch, what)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in runtimes}
+    for x, _ in batches:
+        for name, rt in runtimes.items():
+            out[name].append(rt.infer(x))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def logits(rt: Runtime, images: EvalSet | np.ndarray, batch: int, what: str) -> np.ndarray:
+    return logits_many({"": rt}, images, batch, what)[""]
 
 
 def predict_fn(rt: Runtime, batch: int):

@@ -1,4 +1,5 @@
-"""Model construction and weight loading: torchvision and timm architectures, checkpoints, offline weights."""
+"""Model construction and weight loading: torchvision, timm and our own architectures, checkpoints, pretrained
+weights."""
 
 from __future__ import annotations
 
@@ -48,18 +49,39 @@ def architecture(spec: ModelSpec) -> nn.Module:
     if spec.source == "python":
         return _from_factory(spec)
     if spec.source == "deploy":
-        from .mobilenet_v1 import MobileNetV1
-
-        if spec.builder != "mobilenet_v1":
-            raise DeployError(f"no architecture '{spec.builder}' of our own (source: deploy has mobilenet_v1)")
-        return MobileNetV1(num_classes=spec.num_classes, width=spec.width)
+        return _own(spec)
     if spec.source == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(spec.builder, weights=None, num_classes=spec.num_classes)
+        return torchvision.models.get_model(spec.builder, weights=None, num_classes=spec.num_classes,
+                                            **_EVAL_FORM.get(spec.builder, {}))  # fmt: skip
     import timm
 
     return timm.create_model(spec.builder, pretrained=False, num_classes=spec.num_classes)
+
+
+def _own(spec: ModelSpec) -> nn.Module:
+    """Our own architectures (source deploy): papers' networks that torchvision and timm lack."""
+    from .hardnet import ARCHS, HarDNet
+    from .mobilenet_v1 import MobileNetV1
+    from .shufflenet_v1 import STAGE2, ShuffleNetV1
+
+    builders = {
+        "mobilenet_v1": lambda: MobileNetV1(num_classes=spec.num_classes, width=spec.width),
+        **{arch: (lambda arch=arch: HarDNet(arch, spec.num_classes)) for arch in ARCHS},
+        **{f"shufflenet_v1_g{g}": (lambda g=g: ShuffleNetV1(g, spec.width, spec.num_classes)) for g in STAGE2},
+    }
+    if spec.builder not in builders:
+        raise DeployError(f"no architecture '{spec.builder}' of our own (source: deploy has {', '.join(builders)})")
+    if spec.builder in ARCHS and spec.width != 1.0:
+        raise DeployError(f"{spec.builder} has no width multiplier; remove model.width ({spec.width})")
+    return builders[spec.builder]()
+
+
+# torchvision classifiers with auxiliary heads, built as torchvision builds them with their pretrained weights:
+# one output (no aux logits) and transform_input, which converts ImageNet normalization to the one they expect.
+_EVAL_FORM = {name: {"aux_logits": False, "transform_input": True, "init_weights": True}
+              for name in ("googlenet", "inception_v3")}  # fmt: skip
 
 
 def _from_factory(spec: ModelSpec) -> nn.Module:
@@ -89,23 +111,67 @@ def _from_factory(spec: ModelSpec) -> nn.Module:
 
 
 def _pretrained(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """ImageNet weights through the source library's own loading (torch hub, Hugging Face hub, or a package)."""
     if spec.builder in _OFFLINE_WEIGHTS:
         return _OFFLINE_WEIGHTS[spec.builder]()
-    if spec.source != "torchvision":
-        raise DeployError(
-            f"no offline pretrained weights for {spec.source} model {spec.builder}; "
-            f"pass --weights PATH, or --weights {RANDOM_WEIGHTS} for random ones"
-        )
-    import torchvision
+    if spec.source == "timm":
+        return _timm_pretrained(spec.builder)
+    if spec.source == "torchvision":
+        import torchvision
 
-    weights = torchvision.models.get_model_weights(spec.builder).DEFAULT
-    try:
-        return weights.get_state_dict(progress=interactive(), check_hash=True)
-    except OSError as err:  # URLError, socket errors: no network and nothing in the torch hub cache
+        weights = torchvision.models.get_model_weights(spec.builder).DEFAULT
+        _refuse_offline(weights.url, str(weights))
+        try:
+            return torchvision.models.get_model(spec.builder, weights=weights, progress=interactive()).state_dict()
+        except OSError as err:  # URLError, socket errors: no network and nothing in the torch hub cache
+            raise DeployError(
+                f"could not download {weights} ({type(err).__name__}: {err}); pass --weights PATH with a local checkpoint"
+            ) from None
+    from .hardnet import WEIGHTS
+
+    if spec.builder not in WEIGHTS:
         raise DeployError(
-            f"could not download {weights} ({type(err).__name__}: {err}); "
-            f"pass --weights PATH with a local checkpoint"
+            f"{spec.builder} has no published pretrained weights; pass --weights PATH, or --weights {RANDOM_WEIGHTS}"
+        )
+    _refuse_offline(WEIGHTS[spec.builder], f"{spec.builder} ImageNet weights")
+    try:
+        return torch.hub.load_state_dict_from_url(WEIGHTS[spec.builder], map_location="cpu", progress=interactive(),
+                                                  check_hash=True, weights_only=True)  # fmt: skip
+    except OSError as err:
+        raise DeployError(
+            f"could not download {WEIGHTS[spec.builder]} ({type(err).__name__}: {err}); pass --weights PATH with a "
+            "local checkpoint"
         ) from None
+
+
+def _timm_pretrained(name: str) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights for `name`, from the Hugging Face hub (its cache offline) or the torch hub."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise DeployError(f"timm has no pretrained weights for {name}; pass --weights PATH, or --weights {RANDOM_WEIGHTS}")
+    if not cfg.hf_hub_id:  # the Hugging Face hub honours HF_HUB_OFFLINE itself
+        _refuse_offline(cfg.url, f"timm's {name} weights")
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as err:  # noqa: BLE001 - hub, network and file errors come in many types
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise DeployError(
+            f"could not load timm's pretrained {name} weights ({type(err).__name__}: {first}); "
+            "pass --weights PATH with a local checkpoint"
+        ) from None
+
+
+def _refuse_offline(url: str, what: str) -> None:
+    """With HF_HUB_OFFLINE set, a torch hub download is refused unless the file is in the torch hub cache."""
+    import os
+    from urllib.parse import urlparse
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") and not cached.is_file():
+        raise DeployError(f"HF_HUB_OFFLINE is set and {what} are not in the torch hub cache ({cached}); "
+                          "pass --weights PATH with a local checkpoint")  # fmt: skip
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ class ModelSpec(_Strict):
 
     name: str = Field(description="Model name: the recipe's name and, unless `arch` is set, the builder's.")
     source: Literal["torchvision", "timm", "deploy", "onnx", "python"] = Field(
-        description="Where the network comes from. deploy: our own architectures (deploy/mobilenet_v1.py); "
+        description="Where the network comes from. deploy: our own architectures (deploy/mobilenet_v1.py, "
+        "hardnet.py, shufflenet_v1.py); "
         "onnx: an fp32 ONNX file given as `weights`; python: the user's own nn.Module, made by `factory` "
         "(or passed to deploy.build)."
     )
@@ -41,7 +42,9 @@ class ModelSpec(_Strict):
         description='Checkpoint path (the ONNX file for source onnx); None = the source\'s pretrained ImageNet '
         'weights; "random" = random init (cost checks).',
     )
-    width: float = Field(1.0, gt=0, description='Width multiplier α, for source "deploy".')
+    width: float = Field(
+        1.0, gt=0, description='Width multiplier α, for source "deploy" (MobileNetV1 α, ShuffleNet v1 s×; HarDNet has none).'
+    )
 
     @property
     def builder(self) -> str:
@@ -76,10 +79,26 @@ class ExportConfig(_Strict):
         description="torchscript: fast, emits GlobalAveragePool/HardSwish that ORT's quantizer handles; "
         "dynamo: torch.export-based, much slower.",
     )
-    simplify: bool = Field(True, description="Simplify the exported graph (onnxslim).")
+    simplifier: Literal["onnxslim", "onnxsim", "none"] = Field(
+        "onnxslim",
+        description="Graph simplifier run on the exported model; onnxsim is an optional extra "
+        "(pip install 'edge-deploy[onnxsim]'). `simplify: false` (the earlier form) means none.",
+    )
     tolerance: float = Field(
         1e-4, gt=0, description="Max |logit difference| / max |logit| allowed between PyTorch and ORT (relative)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _simplify_bool(cls, data: Any) -> Any:
+        """The earlier `simplify: bool`: true = onnxslim, false = none."""
+        if isinstance(data, dict) and "simplify" in data:
+            data = dict(data)
+            flag = data.pop("simplify")
+            if "simplifier" in data or not isinstance(flag, bool):
+                raise ValueError("simplify (the earlier form of simplifier) must be true or false, without simplifier")
+            data["simplifier"] = "onnxslim" if flag else "none"
+        return data
 
 
 class CalibrationConfig(_Strict):
@@ -222,6 +241,28 @@ class LatencyConfig(_Strict):
     threads: int | None = Field(None, gt=0, description="CPU threads; None = all cores.")
 
 
+class DeviceConfig(_Strict):
+    """A device reached over SSH with the system's ssh (deploy verify; prune.latency_on)."""
+
+    url: str = Field(description="ssh://[user@]host[:port]; host may be a ~/.ssh/config alias.")
+    python: str = Field("python3", description="Python on the device, with numpy and onnxruntime.")
+    ssh_config: str | None = Field(None, description="ssh_config file used instead of ~/.ssh/config (ssh -F).")
+    accept_new_host_key: bool = Field(
+        False, description="Store the key of a device seen the first time (a changed key is always refused)."
+    )
+    timeout: float = Field(600, gt=0, description="Seconds for each remote run.")
+
+    @model_validator(mode="after")
+    def _url(self):
+        from .remote.ssh import parse
+
+        try:
+            parse(self.url)
+        except DeployError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
 class MetricGate(_Strict):
     """Thresholds on a metric that the build's `evaluate` function returns (Python API), for a higher-is-better
     metric unless `max` is used: the int8 model's value (fp32's without int8) must stay within them."""
@@ -242,12 +283,24 @@ class VerifyConfig(_Strict):
     min_sqnr_db: float | None = Field(None, description="Least logit SQNR int8 vs fp32, dB; None = not checked.")
     heldout: int = Field(64, gt=0, description="Images for agreement/SQNR when there is no --val.")
     batch: int = Field(32, gt=0, description="Batch size for accuracy evaluation.")
+    workers: int | None = Field(
+        None, ge=0, description="Processes decoding the evaluation images (results do not depend on it); "
+        "None = the cores, 0 = decode in the build's process."
+    )
+    val_limit: int | None = Field(
+        None, gt=0, description="Evaluate on this many validation images drawn with val_seed (quick checks); "
+        "None = all."
+    )
+    val_seed: int = Field(0, description="Random seed of the val_limit draw.")
     latency: LatencyConfig = Field(LatencyConfig(), description="Latency and throughput measurement.")
     runtime: Literal["ort", "tensorrt", "ort-trt"] = Field(
         "ort", description="Where the int8 (or engine) model is verified."
     )
     metrics: dict[str, MetricGate] = Field(
         {}, description="Gates on the metrics of deploy.build(..., evaluate=fn), by name."
+    )
+    devices: list[DeviceConfig] = Field(
+        [], description="Devices `deploy verify BUILD` measures on when no --on is given."
     )
 
 
@@ -315,8 +368,11 @@ class PruneConfig(_Strict):
         0.3, ge=0, lt=1, description='Fraction of channels removed, or of MACs when by == "macs" (mode ratio).'
     )
     by: Literal["channels", "macs"] = Field("macs", description="What `ratio` is a fraction of.")
-    scope: Literal["uniform", "global"] = Field(
-        "uniform", description="uniform: the same ratio in every layer; global: channels ranked across layers."
+    scope: Literal["kl", "uniform", "global"] = Field(
+        "kl", description="kl (by macs; by channels defaults to uniform): step by step, the group whose pruning costs "
+        "least KL to the unpruned model "
+        "per MAC saved, across groups, with BatchNorm re-estimated (the latency mode's proxy, MACs as the cost); "
+        "uniform: the same ratio in every layer; global: channels ranked across layers by importance."
     )
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = Field(
         "l2", description="Channel importance criterion; taylor uses the calibration images."
@@ -342,6 +398,23 @@ class PruneConfig(_Strict):
     latency_step: float = Field(
         0.25, gt=0, lt=1, description="Mode latency: fraction of a group's channels one step removes."
     )
+    latency_on: DeviceConfig | None = Field(
+        None, description="Mode latency: time the candidates on this device over SSH (each step's in one round "
+        "trip); None = on this machine."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scope_default(cls, data):
+        if isinstance(data, dict) and data.get("by") == "channels" and "scope" not in data:
+            return {**data, "scope": "uniform"}  # kl removes a fraction of the MACs
+        return data
+
+    @model_validator(mode="after")
+    def _kl_by_macs(self):
+        if self.scope == "kl" and self.by != "macs":
+            raise ValueError("scope kl removes a fraction of the MACs: set by: macs, or scope uniform or global")
+        return self
 
 
 class DistillConfig(_Strict):
@@ -408,9 +481,11 @@ def validate(data: dict[str, Any], origin: str) -> Recipe:
 
 
 def load(name_or_path: str) -> Recipe:
-    """Load a built-in recipe by model name, a recipe YAML file by path, or `timm:<name>`."""
+    """Load a built-in recipe by model name, a recipe YAML file by path, `timm:<name>` or `torchvision:<builder>`."""
     if name_or_path.startswith("timm:"):
         return timm_recipe(name_or_path.removeprefix("timm:"))
+    if name_or_path.startswith("torchvision:"):
+        return torchvision_recipe(name_or_path.removeprefix("torchvision:"))
     path = Path(name_or_path)
     if path.suffix == ".onnx":
         return onnx_recipe(path)
@@ -447,6 +522,23 @@ def timm_recipe(name: str) -> Recipe:
     preprocess = {"input_size": size, "resize": math.floor(size / cfg.crop_pct), "interpolation": cfg.interpolation,
                   "mean": list(cfg.mean), "std": list(cfg.std)}  # fmt: skip
     return validate({"model": {"name": name, "source": "timm"}, "preprocess": preprocess}, f"timm:{name}")
+
+
+def torchvision_recipe(name: str) -> Recipe:
+    """A default recipe for any torchvision classifier, preprocessing taken from its DEFAULT weights' transforms."""
+    import torchvision
+
+    builders = torchvision.models.list_models(module=torchvision.models)
+    if name not in builders:
+        close = difflib.get_close_matches(name, builders, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (classification models only)"
+        raise DeployError(f"unknown torchvision classifier '{name}'{hint}")
+    t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    if t.interpolation.value not in ("bilinear", "bicubic"):
+        raise DeployError(f"torchvision {name} uses {t.interpolation.value} interpolation; only bilinear and bicubic work")
+    preprocess = {"input_size": t.crop_size[0], "resize": t.resize_size[0], "interpolation": t.interpolation.value,
+                  "mean": list(t.mean), "std": list(t.std)}  # fmt: skip
+    return validate({"model": {"name": name, "source": "torchvision"}, "preprocess": preprocess}, f"torchvision:{name}")
 
 
 def onnx_recipe(path: Path) -> Recipe:

@@ -56,13 +56,18 @@ def _sections(schema: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     found = []
 
     def walk(path: str, name: str, model: dict[str, Any]) -> None:
+        if any(name == seen for _, seen, _ in found):  # a model used in two places (DeviceConfig) gets one section
+            return
         found.append((path, name, model))
         for field, prop in model["properties"].items():
             child = f"{path}.{field}" if path else field
-            if ref := _ref(prop):
+            optional = next((_ref(p) for p in prop.get("anyOf", []) if _ref(p)), None)  # X | None
+            if ref := _ref(prop) or optional:
                 walk(child, ref, schema["$defs"][ref])
             elif isinstance(values := prop.get("additionalProperties"), dict) and (ref := _ref(values)):
                 walk(f"{child}.<name>", ref, schema["$defs"][ref])
+            elif isinstance(items := prop.get("items"), dict) and (ref := _ref(items)):
+                walk(f"{child}[]", ref, schema["$defs"][ref])
 
     walk("", schema["title"], schema)
     return found

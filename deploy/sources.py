@@ -1,5 +1,6 @@
 """The user's own data for a build: a torch Dataset, a DataLoader or any iterable of preprocessed images,
-optionally with a transform (as `nncf.Dataset(source, transform_fn)`), read into the ImageSets the stages use.
+optionally with a transform (as `nncf.Dataset(source, transform_fn)`): calibration images read into memory,
+validation ones streamed (deploy.evalset).
 
 An item is an image tensor or array (3, H, W), a batch (N, 3, H, W) as a DataLoader yields, or a tuple/list whose
 first element is that and whose second is the label (int, or a tensor of N labels for a batch).
@@ -14,6 +15,7 @@ import numpy as np
 
 from .data import CalibrationData, ImageSet, heldout_count
 from .errors import DeployError
+from .evalset import EvalSet, Item, Unreadable, sample
 
 
 class Dataset:
@@ -81,27 +83,81 @@ def _as_labels(y, n: int, what: str, num_classes: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _items(source, indices: list[int] | None) -> Iterator:
-    if indices is None:
-        yield from source
-    else:
-        for i in indices:
-            yield source[i]
+def _split(item) -> tuple[Any, Any]:
+    return (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
 
 
-def read(source, what: str, shape: tuple[int, ...], *, labeled: bool = False, num_classes: int = 0,
-         indices: list[int] | None = None, limit: int | None = None) -> ImageSet:  # fmt: skip
-    """Read `source` (the items at `indices`, else the first `limit` images) into an ImageSet."""
-    inputs, labels, n = [], [], 0
+def _labeled(item, where: str, shape: tuple[int, ...], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _split(item)
+    batch = _as_array(x, where, shape)
+    if y is None:
+        raise DeployError(f"{where}: a labeled set must yield (image, label) pairs")
+    return batch, _as_labels(y, len(batch), where, num_classes)
+
+
+def _failed(what: str, err: Exception) -> str:
+    return f"reading {what} failed: {type(err).__name__}: {str(err)[:200]}"
+
+
+class _UserItems:
+    """A map-style labeled source as evalset Items, read in the DataLoader's workers: an item that does not fit
+    (or raises) becomes the one-line error naming it."""
+
+    def __init__(self, source, indices: list[int], shape: tuple[int, ...], num_classes: int):
+        self.source, self.indices, self.shape, self.num_classes = source, indices, shape, num_classes
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> Item:
+        where = f"validation item {self.indices[k]}"
+        try:
+            return (k, *_labeled(self.source[self.indices[k]], where, self.shape, self.num_classes))
+        except DeployError as err:
+            return Unreadable(k, str(err))
+        except Exception as err:  # noqa: BLE001 - the user's dataset or transform raised
+            return Unreadable(k, _failed(where, err))
+
+
+def evaluation(source, shape: tuple[int, ...], num_classes: int, *, limit: int | None = None, seed: int = 0,
+               workers: int | None = None) -> EvalSet:  # fmt: skip
+    """The user's labeled validation source, streamed: a map-style one through our DataLoader (`limit` images
+    drawn with `seed`), others iterated as they are (their first `limit` images)."""
+    mapping = f"labels from {type(source.source if isinstance(source, Dataset) else source).__name__}"
+    if _map_style(source):
+        total = len(source)
+        indices = sample(total, limit, seed)
+        sampled = {"limit": limit, "seed": seed, "of": total} if len(indices) < total else None
+        return EvalSet(_UserItems(source, indices, shape, num_classes), what="validation", labeled=True,
+                       workers=workers, class_mapping=mapping, sampled=sampled)  # type: ignore[arg-type]  # fmt: skip
+
+    def iterate(batch: int) -> Iterator[Item]:
+        n = 0
+        for k, item in enumerate(source):
+            try:
+                x, y = _labeled(item, f"validation item {k}", shape, num_classes)
+            except DeployError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the user's transform raised
+                raise DeployError(_failed(f"validation item {k}", err)) from None
+            x, y = (x, y) if limit is None else (x[: limit - n], y[: limit - n])
+            yield k, x, y
+            n += len(x)
+            if limit is not None and n >= limit:
+                return
+
+    return EvalSet(None, what="validation", labeled=True, iterate=iterate, class_mapping=mapping,
+                   sampled={"limit": limit, "first": True} if limit else None)  # fmt: skip
+
+
+def read(source, what: str, shape: tuple[int, ...], *, indices: list[int] | None = None,
+         limit: int | None = None) -> ImageSet:  # fmt: skip
+    """Read `source` (the items at `indices`, else the first `limit` images) into memory (calibration)."""
+    inputs, n = [], 0
+    items = iter(source) if indices is None else (source[i] for i in indices)
     try:
-        for k, item in enumerate(_items(source, indices)):
-            where = f"{what} item {indices[k] if indices else k}"
-            x, y = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
-            batch = _as_array(x, where, shape)
-            if labeled:
-                if y is None:
-                    raise DeployError(f"{where}: a labeled set must yield (image, label) pairs")
-                labels.append(_as_labels(y, len(batch), where, num_classes))
+        for k, item in enumerate(items):
+            batch = _as_array(_split(item)[0], f"{what} item {indices[k] if indices else k}", shape)
             inputs.append(batch)
             n += len(batch)
             if limit is not None and n >= limit:
@@ -109,12 +165,10 @@ def read(source, what: str, shape: tuple[int, ...], *, labeled: bool = False, nu
     except DeployError:
         raise
     except Exception as err:  # noqa: BLE001 - the user's dataset or transform raised
-        raise DeployError(f"reading {what} failed: {type(err).__name__}: {str(err)[:200]}") from None
+        raise DeployError(_failed(what, err)) from None
     if not n:
         raise DeployError(f"{what} yielded no images")
-    x = np.concatenate(inputs)[:limit]
-    y = np.concatenate(labels)[:limit] if labeled else None
-    return ImageSet(x, y, [], [], f"labels from {type(source).__name__}" if labeled else None)
+    return ImageSet(np.concatenate(inputs)[:limit], [])
 
 
 def calibration(source, shape: tuple[int, ...], samples: int, seed: int, heldout: int) -> CalibrationData:
@@ -131,8 +185,8 @@ def calibration(source, shape: tuple[int, ...], samples: int, seed: int, heldout
         first = read(source, "calibration", shape, limit=samples + heldout)
         total = None
         n_hold = heldout_count(len(first), samples, heldout, "the calibration data")
-        calib = ImageSet(first.inputs[n_hold : n_hold + samples], None, [])
-        held = ImageSet(first.inputs[:n_hold], None, []) if n_hold else None
+        calib = ImageSet(first.inputs[n_hold : n_hold + samples], [])
+        held = ImageSet(first.inputs[:n_hold], []) if n_hold else None
     manifest = {"source": f"python: {name}", "builtin": False, "seed": seed, "available": total,
                 "requested": samples, "used": len(calib), "skipped": [], "files": [],
                 "heldout": len(held) if held else 0}  # fmt: skip

@@ -1,5 +1,7 @@
-"""Real data: the committed CIFAR-10 mobilenet_v3_small, pruned by 30% of MACs and distilled for 2 epochs on a
-subset of the training set, stays within 2 top-1 points of the unpruned model and runs faster on ORT.
+"""Real data: the committed CIFAR-10 mobilenet_v3_small, pruned by 30% of MACs with the default channel choice
+(the KL search, prune.scope kl) and distilled for 2 epochs on the training set, stays within 1 top-1 point of
+the unpruned model and runs faster on ORT; before any fine-tuning, the KL choice keeps far more accuracy than
+uniform pruning at the same MACs (measured: 81.35% vs 69.70%, unpruned 81.30%, on these 2,000 images).
 
 At 64 px the model has 5.5M MACs and ORT's batch-1 latency is dominated by per-op overhead (measured here,
 the pruned model's p50 equalled the unpruned one, 0.399 ms both), so speed is compared at batch 32. CI machines
@@ -52,7 +54,13 @@ def test_pruned_distilled_model_keeps_accuracy_and_is_faster(cifar10, tmp_path):
     plain = subset(image_folder(cifar10 / "train", eval_transform(recipe.preprocess), 10, "training"), 512, 1)
     calib = torch.stack([plain[i][0] for i in range(len(plain))]).numpy()  # unlabeled, for BN re-estimation
     student, rec = prune.prune(teacher, recipe.prune, 64, calib)
-    assert rec["macs_reduction"] == pytest.approx(0.3, abs=0.05)
+    assert rec["scope"] == "kl" and rec["macs_reduction"] == pytest.approx(0.3, abs=0.05)
+    uniform, urec = prune.prune(teacher, recipe.prune.model_copy(update={"scope": "uniform"}), 64, calib)
+    assert urec["macs_reduction"] == pytest.approx(0.3, abs=0.05)
+    kl_top1, _ = _ort_top1(student, test, tmp_path, "kl")
+    uniform_top1, _ = _ort_top1(uniform, test, tmp_path, "uniform")
+    print(f"before fine-tuning: KL choice {kl_top1:.2f}%, uniform {uniform_top1:.2f}%")
+    assert kl_top1 >= uniform_top1 + 5
     distill.distill(student, teacher, train, recipe.distill, recipe.train)
     assert macs.count(student, 64)["macs"] == rec["after"]["macs"]
 
@@ -62,5 +70,5 @@ def test_pruned_distilled_model_keeps_accuracy_and_is_faster(cifar10, tmp_path):
     print(f"unpruned {base_top1:.2f}% {base_ms:.2f} ms/batch of 32; pruned+KD {top1:.2f}% {ms:.2f} ms "
           f"({base_ms / ms:.2f}x)")
     assert base_top1 >= 75, "the committed checkpoint should be a trained model"
-    assert top1 >= base_top1 - 2.0
+    assert top1 >= base_top1 - 1.0
     assert ms < base_ms

@@ -18,13 +18,12 @@ def test_synset_folders_map_to_the_imagenet_index_even_when_few_classes_are_pres
     for synset in ("n01440764", "n15075141"):  # first and last class
         (tmp_path / synset).mkdir()
         shutil.copy(skimage_photos / "chelsea.png", tmp_path / synset / "x.png")
-    s = data.labeled_set(tmp_path, pre, 1000)
-    assert s.labels.tolist() == [0, 999] and s.inputs.shape == (2, 3, 32, 32)
+    x, y = data.labeled_set(tmp_path, pre, 1000).load()
+    assert y.tolist() == [0, 999] and x.shape == (2, 3, 32, 32)
 
 
 def test_other_folder_names_are_numbered_in_sorted_order(small_val, pre):
-    s = data.labeled_set(small_val, pre, 3)
-    assert s.labels.tolist() == [0, 0, 1, 1, 2]
+    assert data.labeled_set(small_val, pre, 3).load()[1].tolist() == [0, 0, 1, 1, 2]
 
 
 def test_class_count_mismatch_is_explained(small_val, pre):
@@ -35,7 +34,9 @@ def test_class_count_mismatch_is_explained(small_val, pre):
 def test_unreadable_images_are_skipped_and_counted(small_val, pre):
     (small_val / "c" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     s = data.labeled_set(small_val, pre, 3)
-    assert len(s) == 5 and s.skipped == [str(small_val / "c" / "broken.jpg")]
+    assert len(s) == 6  # before a pass: the files
+    x, y = s.load()
+    assert len(s) == len(x) == len(y) == 5 and s.skipped == [str(small_val / "c" / "broken.jpg")]
 
 
 def test_no_readable_image_is_an_error(tmp_path, pre):

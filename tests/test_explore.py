@@ -50,9 +50,9 @@ def test_accuracy_columns_with_per_width_checkpoints(tmp_path, small_val):
     v = explore("mobilenet_v1", [0.5], [64], runs=2, samples=8, num_classes=3, threads=1,
                 weights=str(tmp_path / "w{width}.pth"), val=small_val)["variants"][0]  # fmt: skip
     pre = data.Preprocessor(recipe.load("mobilenet_v1").preprocess.model_copy(update={"input_size": 64, "resize": 73}))
-    images = data.labeled_set(small_val, pre, 3)
+    x, y = data.labeled_set(small_val, pre, 3).load()
     with torch.no_grad():
-        expected = metrics.accuracy(model(torch.from_numpy(images.inputs)).numpy(), images.labels)["top1"]
+        expected = metrics.accuracy(model(torch.from_numpy(x)).numpy(), y)["top1"]
     assert v["fp32_top1"] == pytest.approx(expected)  # the checkpoint was loaded and evaluated on --val
     assert 0 <= v["int8_top1"] <= 100
 

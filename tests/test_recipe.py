@@ -64,3 +64,33 @@ def test_overrides_replace_nested_fields():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(DeployError, match="did you mean mobilenet_v3_small"):
         recipe.load("mobilenet_v3_smal")
+
+
+@pytest.mark.parametrize("name, size, resize, interpolation", [
+    ("inception_v3", 299, 342, "bilinear"), ("resnext50_32x4d", 224, 232, "bilinear"), ("googlenet", 224, 256, "bilinear"),
+])  # fmt: skip
+def test_torchvision_names_take_preprocessing_from_their_weights(name, size, resize, interpolation):
+    r = recipe.load(f"torchvision:{name}")
+    assert (r.model.name, r.model.source) == (name, "torchvision")
+    p = r.preprocess
+    assert (p.input_size, p.resize, p.interpolation) == (size, resize, interpolation)
+    assert p.mean == pytest.approx((0.485, 0.456, 0.406)) and p.std == pytest.approx((0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("torchvision:googlenett", "did you mean googlenet"),
+    ("torchvision:fasterrcnn_resnet50_fpn", "classification models only"),
+])  # fmt: skip
+def test_unknown_torchvision_classifier_is_a_one_line_error(name, message):
+    with pytest.raises(DeployError, match=message):
+        recipe.load(name)
+
+
+def test_simplify_false_means_no_simplifier():
+    assert recipe.ExportConfig(simplify=False).simplifier == "none"
+    assert recipe.ExportConfig.model_validate({"simplify": True}).simplifier == "onnxslim"
+    assert recipe.ExportConfig().simplifier == "onnxslim"
+    with pytest.raises(DeployError, match="export: Value error, simplify"):
+        recipe.override(recipe.load("mobilenet_v2"), {"export.simplify": "yes"})
+    with pytest.raises(DeployError, match="export.simplifier"):
+        recipe.override(recipe.load("mobilenet_v2"), {"export.simplifier": "polygraphy"})

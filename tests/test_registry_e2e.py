@@ -1,4 +1,5 @@
-"""Every registered model, end to end on random weights: build, fold BN, export, int8 QDQ, fp32 parity."""
+"""Every registered model (HarDNet and ShuffleNet v1 among them), end to end on random weights: build, fold BN, export,
+int8 QDQ, fp32 parity."""
 
 import onnx
 import pytest
@@ -9,9 +10,11 @@ from deploy import build
 # The compact families timm has and torchvision lacks, through `timm:<name>` recipes. timm:legacy_xception
 # also passes (23 s here) but is left out to keep this test within its time budget.
 TIMM = ["timm:mobilenetv1_100", "timm:ghostnet_100", "timm:efficientnet_lite1"]
+# Any torchvision classifier by name: googlenet is built without its auxiliary heads, so the export has one output.
+TORCHVISION = ["torchvision:googlenet"]
 
 
-@pytest.mark.parametrize("name", recipes.available() + TIMM)
+@pytest.mark.parametrize("name", recipes.available() + TIMM + TORCHVISION)
 def test_builds_int8_on_random_weights(name, tmp_path):
     r = recipes.override(recipes.load(name), {
         "model.weights": "random", "model.num_classes": 10,
@@ -35,4 +38,6 @@ def test_builds_int8_on_random_weights(name, tmp_path):
     kept_float = set(report["quantize"]["excluded_nodes"]) | set(report["quantize"]["placement"]["float_stem"])
     weighted = [n for n in q.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in kept_float]
     assert weighted and all(producers.get(n.input[1]) == "DequantizeLinear" for n in weighted)  # QDQ form
-    assert report["size_bytes"]["int8"] < 0.35 * report["size_bytes"]["fp32"]
+    # ShuffleNet v1 (0.7-2.4M params, group convs with 6-80 weights per output channel): per-channel scales, biases and
+    # the Q/DQ nodes themselves are a third to a half of its int8 file: measured 0.35x (g3 1.0x) to 0.58x (g8 0.5x)
+    assert report["size_bytes"]["int8"] < (0.65 if "shufflenet_v1" in name else 0.35) * report["size_bytes"]["fp32"]

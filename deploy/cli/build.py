@@ -23,10 +23,14 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, help="calibration sampling seed")
     b.add_argument("--max-top1-drop", type=float, help="fail the build if int8 loses more top-1 points")
     b.add_argument("--threads", type=int, help="runtime threads for evaluation and latency (default: all cores)")
+    b.add_argument("--workers", type=int, help="processes decoding the evaluation images (default: the cores)")
+    b.add_argument("--val-limit", type=int, metavar="N", help="evaluate on N validation images drawn with a seed")
     b.add_argument("--runtime", choices=["ort", "tensorrt", "ort-trt"], help="also verify on TensorRT (engine) or ORT's TensorRT EP")
     b.add_argument("--prune", type=float, metavar="RATIO", help="structured pruning: remove this fraction of MACs")
     b.add_argument("--latency-budget", type=float, metavar="FRACTION",
                    help="latency-aware pruning (prune.mode latency) to this fraction of the unpruned ORT latency")  # fmt: skip
+    b.add_argument("--latency-on", metavar="ssh://[USER@]HOST[:PORT]",
+                   help="latency-aware pruning times its candidates on this device (prune.latency_on)")  # fmt: skip
     b.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration")
     b.add_argument("--no-bias-correction", action="store_true", help="skip bias correction of the int8 layers")
     b.add_argument("--qat", choices=["auto", "on", "off"], help="quantization-aware training (auto: when int8 "
@@ -52,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
         "model.num_classes": args.num_classes,
         "verify.max_top1_drop": args.max_top1_drop,
         "verify.latency.threads": args.threads,
+        "verify.workers": args.workers,
+        "verify.val_limit": args.val_limit,
         "prune.enabled": True if args.prune is not None or args.latency_budget is not None else None,
         "prune.ratio": args.prune,
         "prune.mode": "latency" if args.latency_budget is not None else None,
         "prune.latency_budget": args.latency_budget,
+        "prune.latency_on": {"url": args.latency_on} if args.latency_on else None,
         "quantize.equalize.enabled": True if args.equalize else None,
         "quantize.bias_correction": False if args.no_bias_correction else None,
         "quantize.qat.mode": args.qat,

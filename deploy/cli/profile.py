@@ -9,7 +9,7 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="per-layer params, MACs, memory traffic and measured time share")
     p.set_defaults(func=run)
-    p.add_argument("model", help="a model name, recipe YAML or timm:<name>, or a build folder")
+    p.add_argument("model", help="a model name, recipe YAML, timm:<name> or torchvision:<name>, or a build folder")
     p.add_argument("--input-size", type=int, help="input resolution (default: the recipe's)")
     p.add_argument("--runs", type=int, default=20, help="profiled runs after warm-up (default 20)")
     p.add_argument("--threads", type=int, help="runtime threads (default: all cores)")

@@ -1,4 +1,7 @@
-"""`deploy train`: the command line of the training loop in deploy/train.py (imported only when it runs)."""
+"""`deploy train`: the command line of the training loop in deploy/train.py (imported only when it runs).
+
+Under torchrun every process runs this command: the messages and the checkpoint are rank 0's
+(docs/distributed.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
-    from .. import models
+    from .. import distributed, models
     from .. import recipe as recipes
     from ..console import info
     from ..errors import DeployError
@@ -54,13 +57,19 @@ def run(args: argparse.Namespace) -> int:
     train_set = subset(train_set, cfg.subset, cfg.seed)
     val = image_folder(args.val, eval_transform(recipe.preprocess), recipe.model.num_classes, "validation") if args.val else None
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    info(f"training {recipe.model.name} on {len(train_set)} images for {cfg.epochs} epochs ({device_for(cfg)})")
+    main, ws = distributed.is_main(), distributed.world_size()
+    if main:
+        info(f"training {recipe.model.name} on {len(train_set)} images for {cfg.epochs} epochs ({device_for(cfg)}"
+             + (f", {ws} processes" if ws > 1 else "") + ")")  # fmt: skip
     try:
         history = fit(model, train_set, cfg, lambda logits, x, y: ce(logits, y), val=val, out=args.out,
                       resume=args.resume, meta={"recipe": recipe.model_dump(mode="json")})  # fmt: skip
     except KeyboardInterrupt:
-        info(f"interrupted: {args.out} holds the last completed epoch; continue with --resume")
+        if main:
+            info(f"interrupted: {args.out} holds the last completed epoch; continue with --resume")
         raise
     last = history[-1] if history else {}
-    print(f"{args.out}: {last.get('epoch', 0)} epochs" + (f", val top-1 {last['val_top1']:.2f}%" if "val_top1" in last else ""))
+    if main:
+        print(f"{args.out}: {last.get('epoch', 0)} epochs"
+              + (f", val top-1 {last['val_top1']:.2f}%" if "val_top1" in last else ""))  # fmt: skip
     return 0

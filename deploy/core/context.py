@@ -14,7 +14,8 @@ from torch import nn
 
 from .. import metrics
 from ..console import info, warn
-from ..data import CalibrationData, ImageSet
+from ..data import CalibrationData
+from ..evalset import EvalSet
 from ..recipe import Recipe
 from ..runtimes.ort import OrtCpu, exact_int8_kernels
 
@@ -52,7 +53,8 @@ class Build:
     int8_onnx: Path | None = None
     engine: Path | None = None
     calibration: CalibrationData | None = None
-    validation: ImageSet | None = None
+    validation: EvalSet | None = None  # labeled (--val), streamed
+    heldout: EvalSet | None = None  # the held-out calibration images, without --val
     fp32_logits: np.ndarray | None = None  # on the evaluation images
     accuracy: dict | None = None  # of the current int8 model (None: not evaluated since it changed)
     report: dict = field(default_factory=dict)
@@ -62,9 +64,9 @@ class Build:
         return self.recipe.verify.latency.threads
 
     @property
-    def eval_images(self) -> ImageSet:
+    def eval_images(self) -> EvalSet:
         """The images accuracy is judged on: --val, else the held-out calibration images."""
-        return self.validation or self.calibration.heldout
+        return self.validation if self.validation is not None else self.heldout
 
     @contextmanager
     def stage(self, name: str) -> Iterator[dict]:
@@ -90,27 +92,50 @@ class Build:
         return metrics.missed_thresholds(self.recipe.verify, self.evaluate())
 
     def evaluate(self) -> dict:
-        """Accuracy of fp32 (and of the current int8 model) on the evaluation images, measured once per model."""
+        """Accuracy of fp32 (and of the current int8 model) on the evaluation images, measured once per model, all
+        models of one call in one pass over the images."""
         if self.accuracy is not None:
             return self.accuracy
-        v, target, threads = self.recipe.verify, self.recipe.quantize.target, self.threads
-        labels = self.validation.labels if self.validation else None
-        images = self.eval_images
-        acc: dict = {"dataset": f"{len(images)} {'labeled validation' if self.validation else 'held-out'} images"}
-        if self.fp32_logits is None:
-            self.fp32_logits = metrics.logits(OrtCpu(self.fp32_onnx, threads), images.inputs, v.batch, "Evaluating fp32")
-        ref = self.fp32_logits
-        if labels is not None:
-            acc["fp32"] = metrics.accuracy(ref, labels)
+        v, target, threads, images = self.recipe.verify, self.recipe.quantize.target, self.threads, self.eval_images
+        runtimes = {} if self.fp32_logits is not None else {"fp32": OrtCpu(self.fp32_onnx, threads)}
         if self.int8_onnx:
             # TensorRT accumulates int8 products exactly in int32: its accuracy is that of the exact Q/DQ
             # arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
-            int8 = OrtCpu(self.int8_onnx, threads, reference=target == "tensorrt")
-            got = metrics.logits(int8, images.inputs, v.batch, "Evaluating int8")
-            acc.update(metrics.compare(ref, got, labels), compared=len(images), int8_evaluated_on=int8.name)
+            runtimes["int8"] = OrtCpu(self.int8_onnx, threads, reference=target == "tensorrt")
             if target == "ort-cpu" and not exact_int8_kernels():
-                exact = OrtCpu(self.int8_onnx, threads, reference=True)
-                got = metrics.logits(exact, images.inputs, v.batch, "Evaluating int8 (exact)")
-                acc["reference"] = metrics.compare(ref, got, labels)
+                runtimes["reference"] = OrtCpu(self.int8_onnx, threads, reference=True)
+        start = time.perf_counter()
+        got = metrics.logits_many(runtimes, images, v.batch, "Evaluating " + ", ".join(runtimes)) if runtimes else {}
+        if "fp32" in got:
+            self.fp32_logits = got["fp32"]
+            self._record_eval_images(images, list(runtimes), time.perf_counter() - start)
+        ref, labels = self.fp32_logits, images.labels
+        acc: dict = {"dataset": f"{len(images)} {'labeled validation' if self.validation is not None else 'held-out'} images"
+                     + _sample_note(images.sampled)}  # fmt: skip
+        if labels is not None:
+            acc["fp32"] = metrics.accuracy(ref, labels)
+        if self.int8_onnx:
+            acc.update(metrics.compare(ref, got["int8"], labels), compared=len(images),
+                       int8_evaluated_on=runtimes["int8"].name)  # fmt: skip
+            if "reference" in got:
+                acc["reference"] = metrics.compare(ref, got["reference"], labels)
         self.accuracy = acc
         return acc
+
+    def _record_eval_images(self, images: EvalSet, models: list[str], seconds: float) -> None:
+        """After the first pass: how many images were evaluated, the unreadable ones skipped, and how fast."""
+        if self.validation is None:
+            return
+        self.report["validation"].update(evaluated=len(images), skipped=len(images.skipped), workers=images.workers,
+                                         first_pass={"models": models, "seconds": round(seconds, 2),
+                                                     "images_per_s": round(len(images) / seconds, 1)})  # fmt: skip
+        if images.skipped:
+            self.warn(f"{len(images.skipped)} unreadable validation images were skipped (first: {images.skipped[0]})")
+
+
+def _sample_note(sampled: dict | None) -> str:
+    if not sampled:
+        return ""
+    if "of" in sampled:
+        return f" (verify.val_limit: drawn from {sampled['of']} with seed {sampled['seed']})"
+    return " (verify.val_limit: the first ones)"

@@ -265,7 +265,17 @@ def _stages_summary(r: dict) -> list[str]:
 
 
 def _latency_pruning(p: dict) -> list[str]:
-    """The steps of latency-aware pruning (stages/prune_latency.py): the widths it chose, in order."""
+    """The steps of the pruning search (stages/prune/latency.py; by latency or by MACs): the widths it chose."""
+    if p.get("scope") == "kl":
+        lines = ["## Pruning by MACs, channels chosen by KL", "",
+                 f"MACs {p['before']['macs'] / 1e6:.1f}M -> {p['after']['macs'] / 1e6:.1f}M "
+                 f"({p['macs_reduction']:.3f} removed) in {len(p['steps'])} steps, {p['seconds']:.0f} s. Each step "
+                 f"pruned the group with the least {p['proxy']} per MAC saved.", "",
+                 "| step | group | channels | MMACs saved | KL | MACs after |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for i, s in enumerate(p["steps"], 1):
+            lines.append(f"| {i} | `{s['group']}` | {s['channels'][0]} -> {s['channels'][1]} | "
+                         f"{s['mmacs_saved']:.3f} | {s['kl']:.4f} | {_fmt(s.get('macs_ratio'), '.3f')} |")  # fmt: skip
+        return lines + [""]
     if p.get("mode") != "latency":
         return []
     lines = ["## Latency-aware pruning", "",

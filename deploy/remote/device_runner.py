@@ -3,9 +3,14 @@ the shipped images, start-up time, batch-1 latency, throughput, fp32/int8 in alt
 device is. Prints one JSON object on stdout.
 
     python3 device_runner.py DIR --protocol N [--threads T] --warmup W --runs R --batch B --eval-batch E --deadline S
+        [--engine VERSION]
+    python3 device_runner.py DIR --protocol N --time A.onnx,B.onnx,... --sessions S --rounds R --runs N --deadline S
 
 DIR holds model.fp32.onnx, model.int8.onnx (optional), images.npy and base.py (deploy/runtimes/base.py: the
-timing code the build itself uses)."""
+timing code the build itself uses). --engine: also build a TensorRT engine there with tensorrt.json's settings
+and measure it; that needs edge-deploy[engine] VERSION installed on the device (its TensorRT code) and TensorRT.
+--time: only the batch-1 latency of each model (the latency-aware pruning search), S sessions each, all timed
+in alternating rounds; prints each session's best time (ms)."""
 
 import argparse
 import base64
@@ -27,10 +32,14 @@ def main() -> int:
     p.add_argument("dir")
     p.add_argument("--protocol", type=int, required=True)
     p.add_argument("--threads", type=int)
-    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--runs", type=int, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--eval-batch", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--engine", metavar="VERSION", help="the host's edge-deploy version")
+    p.add_argument("--time", help="comma-separated model files in DIR: time them only")
+    p.add_argument("--sessions", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--deadline", type=int, required=True, help="seconds before this process is killed (SIGALRM)")
     args = p.parse_args()
     if args.protocol != PROTOCOL:
@@ -61,9 +70,15 @@ def main() -> int:
         def infer(self, batch: np.ndarray) -> np.ndarray:
             return self.session.run(None, {self.input_name: batch})[0]
 
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if args.time:
+        sessions = [OrtCpu(os.path.join(args.dir, f), threads) for f in args.time.split(",") for _ in range(args.sessions)]
+        inp = sessions[0].session.get_inputs()[0].shape
+        best = interleaved_best_ms(sessions, tuple(inp[1:]), 1, args.rounds, args.runs)
+        json.dump({"protocol": PROTOCOL, "best_ms": best, "environment": _environment(ort, threads)}, sys.stdout)
+        return 0
     images = np.load(os.path.join(args.dir, "images.npy"))
     shape = images.shape[1:]
-    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     models, runtimes = {}, []
     for precision in ("fp32", "int8"):
         path = os.path.join(args.dir, f"model.{precision}.onnx")
@@ -82,8 +97,47 @@ def main() -> int:
     out = {"protocol": PROTOCOL, "environment": _environment(ort, threads), "models": models}
     if len(runtimes) == 2:
         out["interleaved_best_ms"] = interleaved_best_ms(runtimes, shape, batch=1)
+    if args.engine:
+        try:
+            models["engine"] = _engine(args, images)
+        except Exception as err:  # noqa: BLE001 - one line back to the host, whatever TensorRT raised
+            json.dump({"protocol": PROTOCOL, "error": f"TensorRT engine: {str(err).splitlines()[0][:300]}"}, sys.stdout)
+            return 3
     json.dump(out, sys.stdout)
     return 0
+
+
+def _engine(args, images: np.ndarray) -> dict:
+    """Build the engine with the installed edge-deploy's TensorRT code (the version the host runs), then its
+    start-up (deserialize + first inference), logits and latency."""
+    from pathlib import Path
+
+    import deploy
+    from deploy.recipe import TensorRTConfig
+    from deploy.runtimes.tensorrt import TensorRTEngine
+    from deploy.runtimes.tensorrt.builder import build_engine
+    from deploy.runtimes.tensorrt.sidecar import engine_path
+
+    if deploy.__version__ != args.engine:
+        raise RuntimeError(f"the device has edge-deploy {deploy.__version__}, the host {args.engine}: install the "
+                           "same version there")  # fmt: skip
+    folder = Path(args.dir)
+    cfg = TensorRTConfig.model_validate_json((folder / "tensorrt.json").read_text())
+    source = folder / ("model.int8.onnx" if cfg.precision == "int8" else "model.fp32.onnx")
+    if not source.is_file():
+        raise RuntimeError(f"tensorrt.precision {cfg.precision} needs {source.name}, which the build does not have")
+    start = time.perf_counter()
+    build_engine(source, folder, cfg)
+    build_s = time.perf_counter() - start
+    start = time.perf_counter()
+    rt = TensorRTEngine(engine_path(folder, cfg.precision))
+    rt.infer(images[:1])
+    startup = time.perf_counter() - start
+    batch = min(args.eval_batch, cfg.batch.max)
+    logits = np.concatenate([rt.infer(images[i : i + batch]) for i in range(0, len(images), batch)])
+    latency = rt.benchmark(images.shape[1:], min(args.batch, cfg.batch.max), args.warmup, args.runs).to_dict()
+    return {"precision": cfg.precision, "onnx": source.name, "build_s": build_s, "startup_s": startup,
+            "latency": latency, "logits": _npy(logits)}  # fmt: skip
 
 
 def _npy(array: np.ndarray) -> str:

@@ -56,7 +56,7 @@ def parse(url: str) -> Device:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as err:
-        raise DeployError(f"--on {url}: {err}") from None
+        raise DeployError(f"{url}: {err}") from None
     host, user = parts.hostname, parts.username
     if (
         parts.scheme != "ssh"
@@ -66,9 +66,9 @@ def parse(url: str) -> Device:
         or parts.fragment
         or parts.password
     ):
-        raise DeployError(f"--on {url}: expected ssh://[user@]host[:port]")
+        raise DeployError(f"{url}: expected ssh://[user@]host[:port]")
     if not (_NAME.fullmatch(host) or re.fullmatch(r"[0-9A-Fa-f:.]+", host)) or (user and not _NAME.fullmatch(user)):
-        raise DeployError(f"--on {url}: unsupported characters in the user or host name")
+        raise DeployError(f"{url}: unsupported characters in the user or host name")
     return Device(url, user, host, port)
 
 
@@ -101,15 +101,16 @@ class Ssh:
             raise DeployError(self.fault(done.stderr))
         return done
 
-    def copy(self, files: list[Path], remote_dir: str) -> None:
-        """Copy local files into an existing folder on the device."""
+    def copy(self, files: list[Path], remote_dir: str, timeout: float | None = None) -> None:
+        """Copy local files into an existing folder on the device (within `timeout`, default what is left)."""
         if not REMOTE_DIR.fullmatch(remote_dir):
             raise DeployError(f"{self.device.url}: unexpected remote folder name {remote_dir!r}")
         port = ["-P", str(self.device.port)] if self.device.port else []
         host = f"[{self.device.host}]" if ":" in self.device.host else self.device.host
         target = f"{self.device.user}@{host}" if self.device.user else host
         done = self._call(
-            ["scp", "-q", *self.options, *port, "--", *map(str, files), f"{target}:{remote_dir}/"], self.left()
+            ["scp", "-q", *self.options, *port, "--", *map(str, files), f"{target}:{remote_dir}/"],
+            self.left() if timeout is None else timeout,
         )
         if done.returncode != 0:
             raise DeployError(self.fault(done.stderr))

@@ -13,15 +13,18 @@ import math
 import os
 import shlex
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .. import metrics
+from .. import __version__, metrics
 from ..console import info, warn
 from ..errors import DeployError, ThresholdMissed
+from ..evalset import sample
 from . import ssh
 from .device_runner import PROTOCOL
 
@@ -40,6 +43,7 @@ class Options:
     ssh_config: Path | None = None
     accept_new_host_key: bool = False
     threads: int | None = None  # on the device; default the recipe's, else all its cores
+    engine: bool = False  # also build a TensorRT engine on the device and measure it
 
 
 def verify(folder: Path, urls: list[str], opts: Options) -> dict:
@@ -48,11 +52,14 @@ def verify(folder: Path, urls: list[str], opts: Options) -> dict:
     report is written."""
     from ..core import output
 
-    devices = [ssh.parse(u) for u in urls]
+    devices = [(_parse(u), opts) for u in urls]
     if opts.images <= 0 or opts.timeout <= 0:
         raise DeployError("--images and --timeout must be positive")
     folder = folder.resolve()
     report, recipe = _read_build(folder)
+    devices = devices or [(ssh.parse(d.url), _options(opts, d)) for d in recipe.verify.devices]
+    if not devices:
+        raise DeployError("no device to verify on: pass --on ssh://[user@]host[:port] or set verify.devices in the recipe")
     with output.lock(folder), tempfile.TemporaryDirectory(prefix="edge-deploy-verify-") as tmp:
         inputs, labels, dataset = _evaluation_set(folder, report, recipe, opts)
         np.save(Path(tmp) / "images.npy", inputs)
@@ -62,13 +69,29 @@ def verify(folder: Path, urls: list[str], opts: Options) -> dict:
                              recipe.verify.batch, "Evaluating fp32 on the host")  # fmt: skip
         models = [folder / f"model.{p}.onnx" for p in ("fp32", "int8") if (folder / f"model.{p}.onnx").is_file()]
         files = [RUNNER, TIMING, Path(tmp) / "images.npy", *models]
-        entries = {d.url: _entry(d, measure(d, files, recipe, opts), ref, labels, recipe, dataset) for d in devices}
+        if opts.engine:  # the build's engine settings, for the engine built on the device
+            files.append(Path(tmp) / "tensorrt.json")
+            files[-1].write_text(recipe.tensorrt.model_dump_json())
+        entries = {d.url: _entry(d, measure(d, files, recipe, o), ref, labels, recipe, dataset) for d, o in devices}
         report.setdefault("device", {}).update(entries)
         _save(report, folder)
     failures = [f"on {url}: {m}" for url, e in entries.items() for m in e["failures"]]
     if failures:
         raise ThresholdMissed("; ".join(failures))
     return entries
+
+
+def _parse(url: str) -> ssh.Device:
+    try:
+        return ssh.parse(url)
+    except DeployError as err:
+        raise DeployError(f"--on {err}") from None
+
+
+def _options(opts: Options, device) -> Options:
+    """The options for a device of the recipe's verify.devices: its own Python, ssh_config, host-key rule, timeout."""
+    return replace(opts, python=device.python, timeout=device.timeout, accept_new_host_key=device.accept_new_host_key,
+                   ssh_config=Path(device.ssh_config) if device.ssh_config else opts.ssh_config)  # fmt: skip
 
 
 def _read_build(folder: Path):
@@ -88,9 +111,9 @@ def _evaluation_set(folder: Path, report: dict, recipe, opts: Options):
     """Preprocessed images, their labels (with --val) and a description: the build's evaluation images."""
     from .. import data
 
-    pre = data.Preprocessor(recipe.preprocess)
+    pre, seed = data.Preprocessor(recipe.preprocess), recipe.quantize.calibration.seed
     if opts.val:
-        images = data.labeled_set(opts.val, pre, recipe.model.num_classes)
+        inputs, labels = data.labeled_set(opts.val, pre, recipe.model.num_classes, limit=opts.images, seed=seed).load()
         what = f"labeled validation images from {opts.val}"
     elif report.get("validation"):
         raise DeployError(
@@ -99,51 +122,60 @@ def _evaluation_set(folder: Path, report: dict, recipe, opts: Options):
     else:
         cal, q = report.get("calibration") or {}, recipe.quantize
         calib = opts.calib or (None if cal.get("builtin", True) else Path(cal["source"]))
-        images = data.calibration_data(
-            calib, pre, q.calibration.samples, q.calibration.seed, recipe.verify.heldout
-        ).heldout
+        inputs = data.calibration_data(calib, pre, q.calibration.samples, seed, recipe.verify.heldout).heldout.inputs
+        inputs, labels = inputs[sample(len(inputs), opts.images, seed)], None
         what = "held-out calibration images"
-    inputs, labels = images.inputs, images.labels
-    if len(inputs) > opts.images:
-        keep = np.sort(
-            np.random.default_rng(recipe.quantize.calibration.seed).choice(len(inputs), opts.images, replace=False)
-        )
-        inputs, labels = inputs[keep], None if labels is None else labels[keep]
     return np.ascontiguousarray(inputs, np.float32), labels, f"{len(inputs)} {what}"
 
 
-def measure(device: ssh.Device, files: list[Path], recipe, opts: Options) -> dict:
-    """Copy `files` to a new temporary folder on the device, run device_runner.py there (with TMPDIR pointing to
-    it, so what onnxruntime writes there goes too), return its JSON; the folder is removed whatever happens (a
-    trap on the device, and a separate removal from here)."""
-    link = ssh.Ssh(device, opts.timeout, opts.ssh_config, opts.accept_new_host_key)
-    py = shlex.quote(opts.python)
-    info(f"[{device.url}] checking {opts.python}, onnxruntime and numpy")
+@contextmanager
+def remote_folder(link: ssh.Ssh, python: str, modules: str = "onnxruntime, numpy") -> Iterator[str]:
+    """A new temporary folder on the device, after checking that `python` there imports `modules`; removed
+    afterwards whatever happens."""
+    py = shlex.quote(python)
+    info(f"[{link.device.url}] checking {python}, {modules}")
     done = link.run(f'd=$(mktemp -d "${{TMPDIR:-/tmp}}/edge-deploy.XXXXXXXX") && echo "$d" && '
-                    f"TMPDIR=\"$d\" {py} -c 'import onnxruntime, numpy'")  # fmt: skip
+                    f"TMPDIR=\"$d\" {py} -c {shlex.quote(f'import {modules}')}")  # fmt: skip
     remote = done.stdout.strip()
     if not ssh.REMOTE_DIR.fullmatch(remote):
-        raise DeployError(f"{device.url}: cannot create a temporary folder ({_last_line(done)})")
+        raise DeployError(f"{link.device.url}: cannot create a temporary folder ({_last_line(done)})")
     try:
         if done.returncode != 0:
-            raise DeployError(_probe_failure(device, opts.python, done))
+            raise DeployError(_probe_failure(link.device, python, done))
+        yield remote
+    finally:
+        _remove(link, remote)
+
+
+def runner(link: ssh.Ssh, python: str, remote: str, args: list[str], timeout: float | None = None,
+           last: bool = True) -> dict:  # fmt: skip
+    """Run device_runner.py in `remote` (TMPDIR pointing there, so what onnxruntime writes goes with it) with
+    `args`; its JSON, or a one-line error. `last`: the folder's last use, removed on the device as the run
+    ends, even when the connection drops."""
+    left = link.left() if timeout is None else timeout
+    argv = [python, f"{remote}/{RUNNER.name}", remote, "--protocol", str(PROTOCOL), *args,
+            "--deadline", str(max(1, math.ceil(left)))]  # fmt: skip
+    cleanup = f"trap {shlex.quote(f'rm -rf -- {shlex.quote(remote)}')} EXIT; " if last else ""
+    script = f"{cleanup}trap 'exit 129' HUP INT TERM; TMPDIR={shlex.quote(remote)} {shlex.join(argv)}"
+    return _result(link, link.run(script, timeout=timeout))
+
+
+def measure(device: ssh.Device, files: list[Path], recipe, opts: Options) -> dict:
+    """Copy `files` to a new temporary folder on the device, run device_runner.py there and return its JSON; with
+    --engine it builds a TensorRT engine there first (edge-deploy[engine] and TensorRT on the device)."""
+    link = ssh.Ssh(device, opts.timeout, opts.ssh_config, opts.accept_new_host_key)
+    modules = "onnxruntime, numpy" + (", tensorrt, deploy" if opts.engine else "")
+    with remote_folder(link, opts.python, modules) as remote:
         info(f"[{device.url}] copying {len(files)} files to {remote}")
         link.copy(files, remote)
         lat = recipe.verify.latency
-        argv = [opts.python, f"{remote}/{RUNNER.name}", remote, "--protocol", str(PROTOCOL),
-                "--warmup", str(lat.warmup), "--runs", str(lat.runs), "--batch", str(lat.batch),
-                "--eval-batch", str(recipe.verify.batch),
-                "--deadline", str(max(1, math.ceil(link.left())))]  # fmt: skip
+        args = ["--warmup", str(lat.warmup), "--runs", str(lat.runs), "--batch", str(lat.batch),
+                "--eval-batch", str(recipe.verify.batch)]  # fmt: skip
         threads = opts.threads or lat.threads
-        argv += ["--threads", str(threads)] if threads else []
-        cleanup = shlex.quote(f"rm -rf -- {shlex.quote(remote)}")
-        info(f"[{device.url}] measuring")
-        done = link.run(
-            f"trap {cleanup} EXIT; trap 'exit 129' HUP INT TERM; TMPDIR={shlex.quote(remote)} {shlex.join(argv)}"
-        )
-        return _result(link, done)
-    finally:
-        _remove(link, remote)
+        args += ["--threads", str(threads)] if threads else []
+        args += ["--engine", __version__] if opts.engine else []
+        info(f"[{device.url}] measuring" + (" (building a TensorRT engine there first)" if opts.engine else ""))
+        return runner(link, opts.python, remote, args)
 
 
 def _last_line(done) -> str:
@@ -153,10 +185,13 @@ def _last_line(done) -> str:
 
 def _probe_failure(device: ssh.Device, python: str, done) -> str:
     last = _last_line(done)
-    for module in ("onnxruntime", "numpy"):
+    for module, install in (("onnxruntime", "pip install onnxruntime"), ("numpy", "pip install numpy"),
+                            ("tensorrt", "JetPack or NVIDIA's TensorRT packages"),
+                            ("deploy", "pip install 'edge-deploy[engine]'")):  # fmt: skip
         if f"No module named '{module}'" in done.stderr:
-            return (f"{device.url}: {python} on the device cannot import {module}: install it there "
-                    f"(pip install {module}) or pass --python with an interpreter that has it")  # fmt: skip
+            need = " (--engine builds the engine there)" if module in ("tensorrt", "deploy") else ""
+            return (f"{device.url}: {python} on the device cannot import {module}{need}: install it there "
+                    f"({install}) or pass --python with an interpreter that has it")  # fmt: skip
     if done.returncode == 127:
         return f"{device.url}: no {python} on the device ({last}); pass --python PATH"
     return f"{device.url}: cannot prepare the device ({last})"
@@ -195,6 +230,8 @@ def _entry(device: ssh.Device, result: dict, ref: np.ndarray, labels, recipe, da
     models = result["models"]
     raw = {p: metrics.compare(ref, _array(m["logits"]), labels) for p, m in models.items()}
     missed = metrics.missed_thresholds(recipe.verify, raw["int8"]) if "int8" in raw else []
+    if "engine" in raw:
+        missed += [f"TensorRT engine: {m}" for m in metrics.missed_thresholds(recipe.verify, raw["engine"])]
     accuracy: dict = {"dataset": dataset, "against": "the host's fp32 logits"}
     if labels is not None:
         accuracy["host_fp32_top1"] = metrics.accuracy(ref, labels)["top1"]
@@ -203,6 +240,8 @@ def _entry(device: ssh.Device, result: dict, ref: np.ndarray, labels, recipe, da
         if labels is not None:
             accuracy[p].update(top1=c["int8"]["top1"], top5=c["int8"]["top5"], top1_drop=c["top1_drop"])
     lat = {"runtime": f"onnxruntime-cpu on {device.host}", **{p: m["latency"] for p, m in models.items()}}
+    if "engine" in models:
+        lat["engine_runtime"] = f"TensorRT {result['environment']['tensorrt']} on {device.host}"
     if "int8" in models:
         fp32_ms, int8_ms = result["interleaved_best_ms"]
         lat.update(int8_speedup=lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"],
@@ -211,12 +250,19 @@ def _entry(device: ssh.Device, result: dict, ref: np.ndarray, labels, recipe, da
         recommended = recommend(recipe.quantize.target, missed, lat)
     else:
         recommended = {"model": "model.fp32.onnx", "precision": "fp32", "reason": "the build has no int8 model"}
+    if "engine" in models and not missed:
+        e = models["engine"]
+        recommended = {"model": f"model.{e['precision']}.engine", "precision": e["precision"],
+                       "reason": f"a TensorRT engine built on the device from {e['onnx']} (engines are not portable: "
+                                 f"build it there with `deploy engine`): batch-1 p50 {e['latency']['p50_ms']:.2f} ms, "
+                                 "within the accuracy thresholds"}  # fmt: skip
     return {
         "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "environment": result["environment"],
         "accuracy": accuracy,
         "latency": lat,
         "startup_s": {p: m["startup_s"] for p, m in models.items()},
+        **({"engine": {k: models["engine"][k] for k in ("precision", "onnx", "build_s")}} if "engine" in models else {}),
         "recommended": recommended,
         "failures": missed,
     }

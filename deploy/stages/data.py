@@ -7,6 +7,7 @@ import json
 
 from .. import data, sources
 from ..core.context import Build
+from ..evalset import EvalSet
 
 BUILTIN_CALIBRATION_WARNING = (
     "calibrated on the built-in sample photos (no --calib given): fine for trying the tool, "
@@ -30,16 +31,22 @@ class Data:
         else:
             b.calibration = sources.calibration(opts.calib, shape, q.calibration.samples, q.calibration.seed, heldout)
         if opts.val is not None:
-            b.validation = data.labeled_set(opts.val, pre, r.model.num_classes) if sources.is_folder(opts.val) \
-                else sources.read(opts.val, "validation", shape, labeled=True, num_classes=r.model.num_classes)
-            b.report["validation"] = {"images": len(b.validation), "class_mapping": b.validation.class_mapping}
+            v, classes = r.verify, r.model.num_classes
+            b.validation = (
+                data.labeled_set(opts.val, pre, classes, limit=v.val_limit, seed=v.val_seed, workers=v.workers)
+                if sources.is_folder(opts.val) else
+                sources.evaluation(opts.val, shape, classes, limit=v.val_limit, seed=v.val_seed, workers=v.workers)
+            )  # fmt: skip
+            b.report["validation"] = {"images": b.validation.n, "class_mapping": b.validation.class_mapping,
+                                      **({"sampled": b.validation.sampled} if b.validation.sampled else {})}  # fmt: skip
+        else:
+            b.heldout = EvalSet.arrays(b.calibration.heldout.inputs)
         b.report["calibration"] = {k: v for k, v in b.calibration.manifest.items() if k != "files"}
         (b.workdir / "calibration.json").write_text(json.dumps(b.calibration.manifest, indent=2) + "\n")
-        skipped = len(b.calibration.calib.skipped) + (len(b.validation.skipped) if b.validation else 0)
+        skipped = len(b.calibration.calib.skipped)
         if skipped:
-            b.warn(f"{skipped} unreadable images were skipped (calibration ones are listed in calibration.json)")
+            b.warn(f"{skipped} unreadable calibration images were skipped (listed in calibration.json)")
         if b.calibration.manifest["builtin"]:
             b.warn(BUILTIN_CALIBRATION_WARNING)
-        return f"{len(b.calibration.calib)} calibration images" + (
-            f", {len(b.validation)} validation images" if b.validation else ""
-        ) + (f", {skipped} unreadable skipped" if skipped else "")
+        val = "" if b.validation is None else f", {b.validation.n or 'all the'} validation images"
+        return f"{len(b.calibration.calib)} calibration images" + val + (f", {skipped} unreadable skipped" if skipped else "")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import models
+from .. import distributed, models
 from .. import recipe as recipes
 from ..core.context import Build
 from ..errors import DeployError
@@ -67,16 +69,23 @@ def distill(student: nn.Module, teacher: nn.Module, dataset, cfg: DistillConfig,
     loop = train.model_copy(update={"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size,
                                     "augment": cfg.augment})  # fmt: skip
     history = fit(student, dataset, loop, kd_objective(teacher, loop, cfg.alpha, cfg.temperature), val=val)
-    # BN statistics from the weights' final state, on up to 2048 training images (see prune.adapt_bn)
-    batches = torch.utils.data.DataLoader(subset(dataset, 2048, loop.seed), batch_size=loop.batch_size)
-    adapt_bn(student, (x for x, _ in batches))
+    if distributed.is_main():  # ranks > 0 of a torchrun job discard their copy (core/runner.py)
+        # BN statistics from the weights' final state, on up to 2048 training images (see prune.adapt_bn)
+        batches = torch.utils.data.DataLoader(subset(dataset, 2048, loop.seed), batch_size=loop.batch_size)
+        adapt_bn(student, (x for x, _ in batches))
     return history
 
 
 class Distill:
+    """Under torchrun every process trains (the others on rank 0's student and teacher); only rank 0 records and
+    saves the result (core/runner.py)."""
+
     name = "distill"
 
     def applies(self, b: Build) -> bool:
+        return b.recipe.distill.enabled
+
+    def may_train(self, b: Build) -> bool:
         return b.recipe.distill.enabled
 
     def run(self, b: Build) -> str:
@@ -86,11 +95,18 @@ class Distill:
         r = b.recipe
         if b.options.train is None:
             raise DeployError("the distill stage needs training images: pass --train DIR")
+        if not distributed.is_main():
+            student, teacher = distributed.from_main(None)
+            distill(student, teacher, sources.training(b.options.train, r), r.distill, r.train)
+            return ""
         summary.start(b)
         teacher = teacher_model(r.distill, b.original or b.model, r.model.num_classes)
+        if teacher is b.model:  # no pruning: a copy, or kd_objective would freeze the student itself
+            teacher = copy.deepcopy(teacher)
+        distributed.from_main((b.model, teacher))
         images = sources.training(b.options.train, r)
         history = distill(b.model, teacher, images, r.distill, r.train)
-        b.report["distill"] = {"images": len(images), "history": history,
+        b.report["distill"] = {"images": len(images), "history": history, "world_size": distributed.world_size(),
                                "teacher": r.distill.teacher or "the model before pruning"}  # fmt: skip
         torch.save(pruned_checkpoint(b.model), b.workdir / "model.distilled.pth")
         summary.record(b, "distill")

@@ -1,4 +1,4 @@
-"""Export to ONNX: named input/output, dynamic batch, simplified with onnxslim, checked by onnx.checker."""
+"""Export to ONNX: named input/output, dynamic batch, simplified (onnxslim or onnxsim), checked by onnx.checker."""
 
 from __future__ import annotations
 
@@ -38,13 +38,28 @@ def export(model: nn.Module, path: Path, cfg: ExportConfig, input_size: int) -> 
                 )  # fmt: skip
         except Exception as err:  # noqa: BLE001 - exporter failures come in many types
             raise DeployError(f"ONNX export failed ({cfg.exporter}): {str(err).splitlines()[0][:300]}") from None
-    proto = onnx.load(str(path))
-    if cfg.simplify:
-        import onnxslim
-
-        proto = onnxslim.slim(proto)
+    proto = simplify(onnx.load(str(path)), cfg.simplifier)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+    return proto
+
+
+def simplify(proto: onnx.ModelProto, simplifier: str) -> onnx.ModelProto:
+    """`proto` simplified by onnxslim or onnxsim (export.simplifier), or as it is for "none"."""
+    if simplifier == "onnxslim":
+        import onnxslim
+
+        return onnxslim.slim(proto)
+    if simplifier == "onnxsim":
+        try:
+            import onnxsim
+        except ImportError:
+            raise DeployError("export.simplifier onnxsim is not installed: pip install 'edge-deploy[onnxsim]' "
+                              "(or onnxsim), or use onnxslim") from None  # fmt: skip
+        simplified, ok = onnxsim.simplify(proto)
+        if not ok:
+            raise DeployError("onnxsim could not check its simplified model; use export.simplifier onnxslim or none")
+        return simplified
     return proto
 
 

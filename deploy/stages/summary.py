@@ -20,13 +20,13 @@ def record(b: Build, name: str) -> None:
     """Add the current PyTorch model's row."""
     r, lat = b.recipe, b.recipe.verify.latency
     path = b.workdir / f".{name}.onnx"
-    export(b.model, path, r.export.model_copy(update={"simplify": False}), r.preprocess.input_size)
+    export(b.model, path, r.export.model_copy(update={"simplifier": "none"}), r.preprocess.input_size)
     rt = OrtCpu(path, lat.threads)
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     entry = {"stage": name, **macs.count(b.model, r.preprocess.input_size),
              "p50_ms": rt.benchmark(shape, lat.batch, lat.warmup, lat.runs).p50_ms}  # fmt: skip
     if b.validation is not None:
-        logits = metrics.logits(rt, b.validation.inputs, r.verify.batch, f"Evaluating after {name}")
+        logits = metrics.logits(rt, b.validation, r.verify.batch, f"Evaluating after {name}")
         entry["top1"] = metrics.accuracy(logits, b.validation.labels)["top1"]
     path.unlink()
     b.report["stages_summary"].append(entry)

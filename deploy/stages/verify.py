@@ -87,10 +87,9 @@ def _on_runtime(b: Build) -> dict:
 
         rt = OrtTensorRT(b.int8_onnx or b.fp32_onnx, b.workdir / "ort-trt-cache", r.tensorrt.batch,
                          fp16=r.tensorrt.precision == "fp16")  # fmt: skip
-    images, labels = b.eval_images, b.validation.labels if b.validation else None
-    ref = metrics.logits(OrtCpu(b.fp32_onnx, b.threads), images.inputs, v.batch, "Evaluating fp32 (reference)")
-    got = metrics.logits(rt, images.inputs, v.batch, f"Evaluating on {rt.name}")
-    acc = metrics.compare(ref, got, labels)  # agreement and SQNR against ORT fp32: the parity figures
+    b.evaluate()  # the ORT fp32 logits on the same images: the parity reference
+    got = metrics.logits(rt, b.eval_images, v.batch, f"Evaluating on {rt.name}")
+    acc = metrics.compare(b.fp32_logits, got, b.eval_images.labels)  # agreement and SQNR against ORT fp32
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     lat = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
     b.report["failures"] += [f"on {rt.name}: {m}" for m in metrics.missed_thresholds(v, acc)]

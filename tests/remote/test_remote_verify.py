@@ -266,8 +266,13 @@ def test_runner_refuses_another_protocol(tmp_path):
     assert done.returncode == 3 and "protocol 99" in json.loads(done.stdout)["error"]
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+def _imports_in(path: Path, function: str) -> set[str]:
+    tree = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == function)
+    return _imports(tree)
+
+
+def _imports(path) -> set[str]:
+    tree = ast.parse(path.read_text()) if isinstance(path, Path) else path
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     return modules | {"." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
 
@@ -276,4 +281,74 @@ def test_what_runs_on_the_device_needs_only_numpy_and_onnxruntime():
     stdlib = {"__future__", "argparse", "base64", "io", "json", "os", "platform", "signal", "sys", "time", "abc",
               "dataclasses"}  # fmt: skip
     assert _imports(TIMING) <= stdlib | {"numpy"}
-    assert _imports(RUNNER) <= stdlib | {"numpy", "onnxruntime", "tensorrt", "base"}
+    assert _imports(RUNNER) - _imports_in(RUNNER, "_engine") <= stdlib | {"numpy", "onnxruntime", "tensorrt", "base"}
+    assert {m for m in _imports_in(RUNNER, "_engine") if "deploy" in m} == {  # --engine only: the device's install
+        "deploy", "deploy.recipe", "deploy.runtimes.tensorrt", "deploy.runtimes.tensorrt.builder",
+        "deploy.runtimes.tensorrt.sidecar"}  # fmt: skip
+
+
+def test_engine_needs_tensorrt_on_the_device(build, sshd, capsys):
+    before = {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()}
+    assert _verify(build, sshd, "--on", sshd.url, "--engine") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {sshd.url}: ") and "cannot import tensorrt (--engine builds the engine there)" in err
+    assert {p.name: p.read_bytes() for p in build.iterdir() if p.is_file()} == before
+    assert not list(sshd.tmp.iterdir())
+
+
+def test_the_recipes_devices_are_used_without_on(build, sshd, capsys):
+    report = json.loads((build / "report.json").read_text())
+    report["recipe"]["verify"]["devices"] = [{"url": "ssh://device-alias", "python": sys.executable,
+                                              "ssh_config": str(sshd.config("recipe")), "timeout": 120}]  # fmt: skip
+    (build / "report.json").write_text(json.dumps(report))
+    assert main(["verify", str(build)]) == 0
+    assert list(json.loads((build / "report.json").read_text())["device"]) == ["ssh://device-alias"]
+    report["recipe"]["verify"]["devices"] = []
+    (build / "report.json").write_text(json.dumps(report))
+    assert main(["verify", str(build)]) == 2
+    assert "no device to verify on" in capsys.readouterr().err
+
+
+def test_latency_search_times_its_candidates_on_the_device(sshd, monkeypatch):
+    """NetAdapt with prune.latency_on: the budget is reached as the device measures it, each timing is one
+    round trip however many candidates it holds, and nothing is left on the device."""
+    import numpy as np
+    import torch
+
+    from deploy import models, recipe
+    from deploy.recipe import DeviceConfig, PruneConfig
+    from deploy.remote import latency
+    from deploy.stages.prune import prune
+
+    calls = []
+    real = latency.runner
+    monkeypatch.setattr(latency, "runner", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    torch.manual_seed(0)
+    model = models.architecture(recipe.load("mobilenet_v3_small").model).eval()
+    images = np.random.default_rng(1).standard_normal((64, 3, 64, 64)).astype(np.float32)
+    device = DeviceConfig(url=sshd.url, python=sys.executable, ssh_config=str(sshd.config("latency")), timeout=120)
+    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, protect=["features.[1-9].*"], latency_on=device)
+    pruned, rec = prune(model, cfg, 64, images)
+    assert rec["latency_measured"].startswith("onnxruntime-cpu on 127.0.0.1: batch 1, 1 thread")
+    assert rec["device"]["cpu_count"] == os.cpu_count() and rec["latency_after_ms"] <= 0.9 * rec["latency_before_ms"]
+    assert rec["steps"] and rec["steps"][0]["timed"] > 1  # a step's candidates ...
+    timed = [c for c in calls if c[0] == "--time"]
+    assert len(timed) == len(calls) and any(c[1].count(",") >= rec["steps"][0]["timed"] for c in timed)  # ... in one run
+    assert len(calls) <= 3 + 2 * len(rec["steps"])
+    assert not list(sshd.tmp.iterdir())
+
+
+def test_latency_search_on_an_unreachable_device_is_one_line():
+    import numpy as np
+
+    from deploy import models, recipe
+    from deploy.errors import DeployError
+    from deploy.recipe import DeviceConfig, PruneConfig
+    from deploy.stages.prune import prune
+
+    model = models.architecture(recipe.load("mobilenet_v3_small").model).eval()
+    device = DeviceConfig(url=f"ssh://root@127.0.0.1:{_free_port()}", timeout=20)
+    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, latency_on=device)
+    with pytest.raises(DeployError, match=r"^ssh://root@127.0.0.1:\d+: cannot reach 127.0.0.1") as err:
+        prune(model, cfg, 64, np.zeros((8, 3, 64, 64), np.float32))
+    assert "\n" not in str(err.value)

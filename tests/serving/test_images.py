@@ -78,9 +78,10 @@ def test_data_loading_skips_and_counts_bombs(small_val, skimage_photos):
     bombs[0].write_bytes(bomb_png(1_000_000, 1))
     bombs[1].write_bytes(bomb_png(12000, 12000))
     s = data.labeled_set(small_val, pre, 3)
+    s.load()
     assert len(s) == 5 and sorted(s.skipped) == sorted(map(str, bombs))
     shutil.rmtree(small_val / "a")
     shutil.rmtree(small_val / "b")
     (small_val / "c" / "retina.jpg").unlink()
     with pytest.raises(DeployError, match="none of the 2 validation images could be read"):
-        data.labeled_set(small_val, pre, 1)
+        data.labeled_set(small_val, pre, 1).load()

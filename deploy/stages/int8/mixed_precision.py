@@ -26,6 +26,7 @@ from . import sensitivity
 from ...console import info
 from ...core.context import Build
 from ...errors import DeployError
+from ...evalset import EvalSet
 from ...recipe import QuantizeConfig, VerifyConfig
 from ...core.report import figures as figures_line
 from ...runtimes.base import interleaved_best_ms
@@ -52,11 +53,11 @@ def rank(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig, int8: Path, images:
     return sorted((r for r in rows if r["gain_db"] > 0), key=lambda r: -r["gain_db"])
 
 
-def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarray | None, cfg: QuantizeConfig,
-             thresholds: VerifyConfig, out: Path, ranges: Path, ranking: list[str] | None = None,
-             threads: int | None = None, ref: np.ndarray | None = None) -> dict:
+def fallback(fp32: Path, calib: np.ndarray, images: EvalSet, cfg: QuantizeConfig, thresholds: VerifyConfig,
+             out: Path, ranges: Path, ranking: list[str] | None = None, threads: int | None = None,
+             ref: np.ndarray | None = None) -> dict:  # fmt: skip
     """Write to `out` the int8 model of `fp32` with the fewest most sensitive layers in float that meets
-    `thresholds` on `images` (`labels` for top-1; exact Q/DQ arithmetic); return the record of the search.
+    `thresholds` on `images` (top-1 when labeled; exact Q/DQ arithmetic); return the record of the search.
 
     `ranges`: the folder holding the calibration ranges quantize() cached for `calib` and `cfg` (the build's
     calibration-cache). `ranking`: node names, most sensitive first (e.g. from `deploy diagnose`); computed
@@ -65,7 +66,7 @@ def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarr
     `max_float_layers` layers are not enough.
     """
     mp = cfg.mixed_precision
-    applies = [name for name, value, need in (("max_top1_drop", thresholds.max_top1_drop, labels is not None),
+    applies = [name for name, value, need in (("max_top1_drop", thresholds.max_top1_drop, images.labeled),
                                               ("min_agreement", thresholds.min_agreement, True),
                                               ("min_sqnr_db", thresholds.min_sqnr_db, True)) if value is not None and need]  # fmt: skip
     if not applies:
@@ -73,7 +74,8 @@ def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarr
                           "min_agreement or min_sqnr_db")  # fmt: skip
     if ref is None:
         ref = metrics.logits(OrtCpu(fp32, threads), images, 32, "Evaluating fp32")
-    shape = tuple(images.shape[1:])
+    labels = images.labels
+    shape = tuple(calib.shape[1:])
     record: dict = {"thresholds": applies, "images": len(images), "max_float_layers": mp.max_float_layers}
     with tempfile.TemporaryDirectory() as tmp:
         base, step = Path(tmp) / "int8.onnx", Path(tmp) / "step.onnx"
@@ -87,7 +89,8 @@ def fallback(fp32: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarr
             return {**record, "float_layers": [], "steps": [], "met": True}
         if ranking is None:
             n = min(mp.images, len(images))
-            rows = rank(fp32, calib, cfg, base, images[:n], ref[:n], None if labels is None else labels[:n], ranges, threads)
+            first, first_labels = images.head(n)
+            rows = rank(fp32, calib, cfg, base, first, ref[:n], first_labels, ranges, threads)
             record["ranking"] = {"images": n, "layers": rows}
             ranking = [r["node"] for r in rows]
         record["steps"] = []
@@ -125,10 +128,8 @@ class MixedPrecision:
         return b.recipe.quantize.enabled and b.recipe.quantize.mixed_precision.enabled and bool(b.missed())
 
     def run(self, b: Build) -> str:
-        images = b.eval_images
-        labels = b.validation.labels if b.validation else None
         try:
-            record = fallback(b.source, b.calibration.calib.inputs, images.inputs, labels, b.recipe.quantize,
+            record = fallback(b.source, b.calibration.calib.inputs, b.eval_images, b.recipe.quantize,
                               b.recipe.verify, b.int8_onnx, b.workdir / "calibration-cache", threads=b.threads,
                               ref=b.fp32_logits)  # the original fp32 model's, as verify measures  # fmt: skip
         except MixedPrecisionFailed as err:  # the int8 model stays as it was; verify reports what it misses

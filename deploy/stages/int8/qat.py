@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ... import sources
+from ... import distributed, sources
 from ...console import info
 from ...core.context import PREPARED, Build
 from ...core.report import figures
@@ -168,7 +168,8 @@ def qat(model: nn.Module, teacher: nn.Module, dataset, cfg: QATConfig, train: Tr
                                     "schedule": "cosine"})  # fmt: skip
     folded, prepared = prepare(model, target, input_size)
     loss = kd_objective(copy.deepcopy(teacher), loop, cfg.alpha, cfg.temperature)
-    info(f"QAT for {target}: {len(fake_quantizers(prepared))} fake-quantize points")
+    if distributed.is_main():
+        info(f"QAT for {target}: {len(fake_quantizers(prepared))} fake-quantize points")
     history = fit(prepared, subset(dataset, cfg.images, loop.seed), loop, loss)
     copy_weights(prepared.cpu(), folded)
     return folded, history
@@ -178,7 +179,10 @@ class QAT:
     """Fine-tune with fake quantization and KD from the fp32 model, then quantize the result; keep it only when
     it is no worse on the evaluation images. It fine-tunes the model as exported (not equalized): training adapts
     its weight ranges itself, and its biases were learned under fake quantization, so its int8 model gets no bias
-    correction (docs/int8.md has the measurements)."""
+    correction (docs/int8.md has the measurements).
+
+    Under torchrun every process trains, on rank 0's model; only rank 0 quantizes, compares and records the
+    result (core/runner.py)."""
 
     name = "qat"
 
@@ -188,8 +192,16 @@ class QAT:
             return False
         return q.qat.mode == "on" or (b.options.train is not None and b.model is not None and bool(b.missed()))
 
+    def may_train(self, b: Build) -> bool:
+        q = b.recipe.quantize
+        return q.enabled and (q.qat.mode == "on" or (q.qat.mode == "auto" and b.options.train is not None))
+
     def run(self, b: Build) -> str:
         r, q = b.recipe, b.recipe.quantize
+        if not distributed.is_main():
+            model = distributed.from_main(None)
+            qat(model, model, sources.training(b.options.train, r), q.qat, r.train, q.target, r.preprocess.input_size)
+            return ""
         if b.model is None:
             raise DeployError("quantize.qat needs a PyTorch model, not an ONNX file")
         if b.options.train is None:
@@ -201,12 +213,14 @@ class QAT:
             for path, copy in kept.items():
                 shutil.copy(path, copy)
             images = sources.training(b.options.train, r)
+            distributed.from_main(b.model)  # the model the other processes of a torchrun job train alongside
             tuned, history = qat(b.model, b.model, images, q.qat, r.train, q.target, r.preprocess.input_size)
             b.source = b.workdir / PREPARED
             export(tuned, b.source, r.export, r.preprocess.input_size)
             reason = "quantize.qat: on" if q.qat.mode == "on" else \
                 "post-training int8 missed: " + "; ".join(missed_thresholds(r.verify, before))  # fmt: skip
-            b.report["qat"] = {"mode": q.qat.mode, "history": history, "ptq": _figures(before), "reason": reason}
+            b.report["qat"] = {"mode": q.qat.mode, "history": history, "world_size": distributed.world_size(),
+                               "ptq": _figures(before), "reason": reason}  # fmt: skip
             b.report.pop("bias_correction", None)
             for stage, label in ((PadDepthwise(), "pad_depthwise"), (Quantize(), "quantize_qat")):
                 if stage.applies(b):

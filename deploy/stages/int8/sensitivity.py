@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ...console import track
 from ...core.context import Build
 from ...errors import DeployError
+from ...evalset import EvalSet
 from ...recipe import QuantizeConfig
 from ...runtimes.ort import OrtCpu
 from ... import metrics
@@ -261,8 +262,7 @@ def variants(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig, nodes: list[str
     return out
 
 
-def analyze(fp32: Path, int8: Path, calib: np.ndarray, images: np.ndarray, labels: np.ndarray | None,
-            cfg: QuantizeConfig, ranges: Path, sqnr_images: int = 32, variant_images: int = 64,
+def analyze(fp32: Path, int8: Path, calib: np.ndarray, images: EvalSet, cfg: QuantizeConfig, ranges: Path, sqnr_images: int = 32, variant_images: int = 64,
             kinds: tuple[str, ...] = ("excluded", "alone"), threads: int | None = None) -> dict:
     """layer_sqnr on `sqnr_images` calibration images, then (with `kinds`) the variants of every node on the first
     `variant_images` of `images`, each compared with the all-int8 model there (`excluded_gain_db`: the logit SQNR
@@ -271,8 +271,7 @@ def analyze(fp32: Path, int8: Path, calib: np.ndarray, images: np.ndarray, label
     rows = result["layers"]
     if not kinds or not variant_images:
         return result
-    x = images[:variant_images]
-    y = None if labels is None else labels[: len(x)]
+    x, y = images.head(variant_images)
     ref = metrics.logits(OrtCpu(fp32, threads), x, 32, "Evaluating fp32")
     with tempfile.TemporaryDirectory() as tmp:
         base_path = Path(tmp) / "base.onnx"

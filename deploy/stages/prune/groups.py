@@ -9,6 +9,12 @@ correctly on the compact families. Two gaps are handled here:
   crosses branches) and fails with ZeroDivisionError; VainF/Torch-Pruning#45 suggests ignoring those layers.
   We protect every conv whose output crosses a shuffle, so only the branch-internal widths are pruned, and
   build the graph with the shuffle replaced by identity (sound: no pruned group reaches a shuffle).
+- ShuffleNet v1 shuffles inside each unit, between two 1x1 group convs, and its trunk is concatenated across
+  group-conv chunks that its parts do not align with. The trunk (stem and every unit's last conv) is protected;
+  the bottleneck is one group to Torch-Pruning with the shuffle as identity, which chooses its width (a whole
+  number of channels per group), and `exact_shuffle_units` then refills each narrowed unit with the channels
+  that the shuffle keeps in their chunks (shufflenet_v1.narrow_into). Harmonic dense blocks (HarDNet) need
+  nothing: Torch-Pruning maps each layer's channels into every concatenation that reads it.
 """
 
 from __future__ import annotations
@@ -76,8 +82,39 @@ def traceable_shuffle():
         shufflenetv2.channel_shuffle = original
 
 
+def _shuffle_v1_protected(model: nn.Module, round_to: int) -> list[str]:
+    """ShuffleNet v1: the stem and every unit's last conv, whose outputs form the trunk (see module docstring), and
+    the bottlenecks Torch-Pruning cannot round: it rounds a group conv's whole width to round_to but removes that
+    many channels from each of its g groups, which keeps the kept width a multiple of round_to only where
+    g · (g - 1) · (channels per group) is one (not so for 0.5x g = 3's 10 a group: it kept 12 of 30)."""
+    from ...shufflenet_v1 import ShuffleUnit
+
+    units = [(name, m) for name, m in model.named_modules() if isinstance(m, ShuffleUnit)]
+    trunk = [f"{name}.gconv2.0" for name, _ in units]
+    unroundable = [f"{name}.gconv1.0" for name, m in units
+                   if m.groups * (m.groups - 1) * (m.gconv1[0].out_channels // m.groups) % round_to]  # fmt: skip
+    return trunk + unroundable + [_stem(model)] if units else []
+
+
+@torch.no_grad()
+def exact_shuffle_units(original: nn.Module, pruned: nn.Module, kind: str) -> int:
+    """Refill every ShuffleNet v1 unit that pruning narrowed with the channels the shuffle keeps in their chunks
+    (see module docstring); returns the number of units."""
+    from ...shufflenet_v1 import ShuffleUnit, narrow_into
+
+    narrowed = dict(pruned.named_modules())
+    units = [(n, m) for n, m in original.named_modules() if isinstance(m, ShuffleUnit)
+             and narrowed[n].gconv1[0].out_channels < m.gconv1[0].out_channels]  # fmt: skip
+    for name, unit in units:
+        try:
+            narrow_into(unit, narrowed[name], kind)
+        except ValueError as err:
+            raise DeployError(f"ShuffleNet v1 {name}: {err}; try another prune.round_to (8 works)") from None
+    return len(units)
+
+
 def protected_layers(model: nn.Module, cfg: PruneConfig) -> list[str]:
-    names = set(head_layers(model)) | set(_shuffle_crossing(model))
+    names = set(head_layers(model)) | set(_shuffle_crossing(model)) | set(_shuffle_v1_protected(model, cfg.round_to))
     if cfg.protect_stem and (stem := _stem(model)):
         names.add(stem)
     for name, m in model.named_modules():

@@ -1,4 +1,5 @@
-"""Latency-aware pruning, NetAdapt-style (Yang et al. 2018, arXiv:1804.03230), measured on ORT's CPU provider.
+"""Latency-aware pruning, NetAdapt-style (Yang et al. 2018, arXiv:1804.03230), measured on ORT's CPU provider
+of this machine or of a device over SSH (prune.latency_on: deploy/remote/latency.py).
 
 Each step proposes one candidate per Torch-Pruning dependency group: the group's least important `latency_step`
 of channels removed (kept width a multiple of round_to). Every candidate is exported and timed on ONNX Runtime,
@@ -59,6 +60,64 @@ def _torch_threads(n: int):
         torch.set_num_threads(saved)
 
 
+def onnx_bytes(model: nn.Module, input_size: int) -> bytes:
+    """`model` exported as the build would (unsimplified: the search times many candidates)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "candidate.onnx"
+        export(model, path, ExportConfig(simplifier="none"), input_size)
+        return path.read_bytes()
+
+
+def time_floor(current: float, spread: float) -> float:
+    """A saving counts when it exceeds the spread of the current model's sessions and 0.5% of its latency: two
+    sessions of one model differ by up to 1.5% here (see the module docstring)."""
+    return max(spread, 0.005 * current)
+
+
+class LocalTimer:
+    """Batch-1 timing on this machine: `sessions` ONNX Runtime sessions of each model, one thread each. A search
+    cost: `load(model)` gives a handle, `best_ms(handles, rounds, runs)` each one's sessions' fastest times (ms),
+    `floor(current, spread)` the least saving that counts."""
+
+    name, unit, floor = "onnxruntime-cpu on this machine", "latency", staticmethod(time_floor)
+
+    def __init__(self, input_size: int, sessions: int):
+        self.size, self.sessions = input_size, sessions
+
+    def load(self, model: nn.Module) -> list[OrtCpu]:
+        onnx = onnx_bytes(model, self.size)
+        return [OrtCpu(onnx, threads=1) for _ in range(self.sessions)]
+
+    def best_ms(self, models: list[list[OrtCpu]], rounds: int, runs: int) -> list[list[float]]:
+        """Each model's sessions' fastest batch-1 times (ms), all timed in alternating rounds."""
+        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, rounds, runs)
+        return [best[i : i + self.sessions] for i in range(0, len(best), self.sessions)]
+
+    def close(self) -> None:
+        pass
+
+
+class MacsCost:
+    """MACs (deploy.macs: torch.utils.flop_counter) as the search's cost, in millions: exact, so any saving counts."""
+
+    name, unit = "MACs", "macs"
+
+    def __init__(self, input_size: int):
+        self.size = input_size
+
+    def load(self, model: nn.Module) -> float:
+        return macs.count(model, self.size)["macs"] / 1e6
+
+    def best_ms(self, models: list[float], rounds: int, runs: int) -> list[list[float]]:
+        return [[m] for m in models]
+
+    def floor(self, current: float, spread: float) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class _Proposal:
     group: str  # the group's root layer, as Torch-Pruning names it
@@ -73,34 +132,34 @@ class LatencySearch:
 
     A group's saving depends on the shapes of the layers it touches, so it is timed again only when one of them
     changed (NetAdapt's look-up table, filled by measuring whole models); the accuracy proxy is recomputed
-    for every candidate at every step."""
+    lazily: for the candidates whose earlier score could still make them the best (`step`). `timer` is the cost:
+    latency here (LocalTimer) or on a device (remote.latency.RemoteTimer), or MACs (MacsCost)."""
 
-    def __init__(self, model: nn.Module, cfg: PruneConfig, input_size: int, data):
-        self.cfg, self.size = cfg, input_size
+    def __init__(self, model: nn.Module, cfg: PruneConfig, input_size: int, data, timer):
+        self.cfg, self.size, self.timer = cfg, input_size, timer
+        self.unit = "ms" if timer.unit == "latency" else "mmacs"  # of the step records' saved and kl_per
         n = max(MIN_PROXY_IMAGES, PROXY_PIXELS // input_size**2)
         # channels_last: 1.7x faster forward passes than NCHW for these depthwise-separable nets on x86 (oneDNN)
         self.images = torch.as_tensor(data[:n]).contiguous(memory_format=torch.channels_last)
         self.model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+        self.model.requires_grad_(True)  # Torch-Pruning proposes no group for frozen weights (a distillation teacher)
         with torch.no_grad():
             self.teacher = F.log_softmax(self.model(self.images), 1)
         self.kl = 0.0
         self.steps: list[dict] = []
         self._saved: dict[str, tuple[tuple, float, float]] = {}  # group -> (shapes, ms saved, noise floor)
-        self._tmp = tempfile.TemporaryDirectory()
+        self._scores: dict[tuple, float] = {}  # (group, shapes) -> KL increase per unit saved when last scored
         self.base_sessions = self.sessions = self._load(self.model)
-        base_ms = min(interleaved_best_ms(self.base_sessions, (3, input_size, input_size), 1, 1, MIN_RUNS))
+        base_ms = min(timer.best_ms([self.base_sessions], 1, MIN_RUNS)[0])
         self.runs = max(MIN_RUNS, math.ceil(ROUND_MS / base_ms))
 
-    def _load(self, model: nn.Module) -> list[OrtCpu]:
-        path = Path(self._tmp.name) / "candidate.onnx"
-        export(model, path, ExportConfig(simplify=False), self.size)
-        return [OrtCpu(path.read_bytes(), threads=1) for _ in range(SESSIONS)]
+    def _load(self, model: nn.Module):
+        """The cost's handle for `model` (sessions here, a file on the device, its MACs)."""
+        return self.timer.load(model)
 
-    def _time(self, models: list[list[OrtCpu]], rounds: int = ROUNDS) -> list[tuple[float, float]]:
+    def _time(self, models: list, rounds: int = ROUNDS) -> list[tuple[float, float]]:
         """(mean, spread) over each model's sessions of its fastest batch-1 run, all timed interleaved (ms)."""
-        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, rounds, self.runs)
-        per_model = [best[i : i + SESSIONS] for i in range(0, len(best), SESSIONS)]
-        return [(sum(b) / len(b), max(b) - min(b)) for b in per_model]
+        return [(sum(b) / len(b), max(b) - min(b)) for b in self.timer.best_ms(models, rounds, self.runs)]
 
     def latency(self) -> tuple[float, float]:
         """Batch-1 latency (ms) of the unpruned and the current model, timed together."""
@@ -165,9 +224,7 @@ class LatencySearch:
                 model = self._pruned(p)
                 built[p.group] = (model, self._load(model))
         (current, spread), *timed = self._time([self.sessions] + [s for _, s in built.values()], rounds)
-        # A saving counts when it exceeds the spread of the current model's sessions and 0.5% of its latency:
-        # two sessions of one model differ by up to 1.5% here (see the module docstring).
-        floor = max(spread, 0.005 * current)
+        floor = self.timer.floor(current, spread)
         shapes = {p.group: p.shapes for p in proposals}
         for group, (ms, _) in zip(built, timed):
             self._saved[group] = (shapes[group], current - ms, floor)
@@ -178,14 +235,20 @@ class LatencySearch:
         start = time.perf_counter()
         proposals = self._proposals()
         built = self._time_savings(proposals, rounds)
-        best = None
-        for p in proposals:
-            _, saved, floor = self._saved[p.group]
-            if saved <= floor:
-                continue
+        # Lazy greedy: a proposal's KL cost per unit saved was measured on an earlier (less pruned) model and mostly
+        # grows as the model shrinks, so proposals are scored afresh in the order of their earlier scores (new ones
+        # first) until no earlier score can beat the best fresh one.
+        counting = [p for p in proposals if self._saved[p.group][1] > self._saved[p.group][2]]
+        counting.sort(key=lambda p: self._scores.get((p.group, p.shapes), -math.inf))
+        best, scored = None, 0
+        for p in counting:
+            if best is not None and self._scores.get((p.group, p.shapes), -math.inf) >= best[0]:
+                break
+            saved = self._saved[p.group][1]
             model = built[p.group][0] if p.group in built else self._pruned(p)
             kl = self._kl(model)
-            score = (kl - self.kl) / saved
+            score = self._scores[(p.group, p.shapes)] = (kl - self.kl) / saved
+            scored += 1
             if best is None or score < best[0]:
                 best = (score, p, model, saved, kl)
         if best is None and rounds == ROUNDS:
@@ -199,58 +262,91 @@ class LatencySearch:
         sessions = built[chosen.group][1] if chosen.group in built else self._load(model)
         self.model, self.sessions, self.kl = model, sessions, kl
         record = {"group": chosen.group, "layers": chosen.layers, "channels": list(chosen.channels),
-                  "ms_saved": round(saved, 4), "kl": round(kl, 5), "kl_per_ms": round(score, 4),
-                  "proposals": len(proposals), "timed": len(built),
+                  f"{self.unit}_saved": round(saved, 4), "kl": round(kl, 5), f"kl_per_{self.unit}": round(score, 4),
+                  "proposals": len(proposals), "timed": len(built), "scored": scored,
                   "measurable": sum(self._saved[p.group][1] > self._saved[p.group][2] for p in proposals),
                   "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
         self.steps.append(record)
         return record
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        self.timer.close()
 
 
-def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:
-    """Prune a copy of `model` step by step until its batch-1 ORT CPU latency is cfg.latency_budget of the
-    unpruned model's, measured; `data` (N x 3 x H x W calibration images) drives the accuracy proxy and the
-    final BatchNorm re-estimation. Returns the pruned model and its record (latency before/after, the steps,
-    the widths)."""
+def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, budget: float, what: str):
+    """The search's steps until `cost` of the current model is at most `budget` of the unpruned model's; the pruned
+    model (BatchNorm re-estimated on `data`), the search, and the unpruned and final costs."""
     if data is None or len(data) == 0:
-        raise DeployError("prune.mode latency needs calibration images (its accuracy proxy runs on them)")
-    start = time.perf_counter()
+        raise DeployError(f"prune ({what}) needs calibration images (its accuracy proxy runs on them)")
     with _torch_threads(1):
-        search = LatencySearch(model, cfg, input_size, data)
+        try:
+            search = LatencySearch(model, cfg, input_size, data, cost)
+        except BaseException:
+            cost.close()
+            raise
         try:
             while True:
-                base_ms, ms = search.latency()
+                base, now = search.latency()
                 if search.steps:
                     last = search.steps[-1]
-                    last["latency_ratio"] = round(ms / base_ms, 4)  # measured after the step
+                    last[f"{cost.unit}_ratio"] = round(now / base, 4)  # measured after the step
                     info(f"  prune step {len(search.steps)}: {last['group']} {last['channels'][0]} -> "
-                         f"{last['channels'][1]}, latency {ms / base_ms:.3f} of unpruned (budget {cfg.latency_budget})")
-                if ms <= cfg.latency_budget * base_ms:
+                         f"{last['channels'][1]}, {what} {now / base:.3f} of unpruned (target {budget:.3f})")
+                if now <= budget * base:
                     break
                 if len(search.steps) >= MAX_STEPS or search.step() is None:
-                    raise DeployError(
-                        f"prune: latency budget {cfg.latency_budget} not reached: {ms / base_ms:.2f} of the unpruned "
-                        f"latency after {len(search.steps)} steps, no group left whose pruning saves measurable time"
-                    )
+                    raise DeployError(f"prune: {what} budget {budget:g} not reached: {now / base:.2f} of the unpruned "
+                                      f"{what} after {len(search.steps)} steps, no group left whose pruning saves "
+                                      f"measurable {what}")  # fmt: skip
         finally:
             search.close()
         pruned = search.model.to(memory_format=torch.contiguous_format)
         adapt_bn(pruned, (data[i : i + 64] for i in range(0, len(data), 64)))
         pruned.eval()
+    return pruned, search, base, now
+
+
+def _record(model: nn.Module, pruned: nn.Module, cfg: PruneConfig, input_size: int, search, data) -> dict:
     before, after = macs.count(model, input_size), macs.count(pruned, input_size)
+    return {"proxy": f"KL(unpruned || pruned) on {len(search.images)} calibration images after BatchNorm "
+                     "re-estimation",
+            "kl": search.kl, "steps": search.steps, "bn_adapted_on": len(data), "importance": cfg.importance,
+            "round_to": cfg.round_to, "before": before, "after": after,
+            "macs_reduction": 1 - after["macs"] / before["macs"], "params_reduction": 1 - after["params"] / before["params"],
+            "protected": protected_layers(model, cfg), "widths": widths(pruned)}  # fmt: skip
+
+
+def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:
+    """Prune a copy of `model` step by step until its batch-1 ORT CPU latency (here, or on cfg.latency_on) is
+    cfg.latency_budget of the unpruned model's, measured; `data` (N x 3 x H x W calibration images) drives the
+    accuracy proxy and the final BatchNorm re-estimation. Returns the pruned model and its record (latency
+    before/after, the steps, the widths)."""
+    start = time.perf_counter()
+    if cfg.latency_on is not None:
+        from ...remote.latency import RemoteTimer
+
+        info(f"  timing the candidates on {cfg.latency_on.url}")
+        timer = RemoteTimer(cfg.latency_on, input_size, SESSIONS)
+    else:
+        timer = LocalTimer(input_size, SESSIONS)
+    pruned, search, base_ms, ms = _search(model, cfg, input_size, data, timer, cfg.latency_budget, "latency")
     record = {"mode": "latency", "latency_budget": cfg.latency_budget, "latency_step": cfg.latency_step,
         "latency_before_ms": round(base_ms, 4), "latency_after_ms": round(ms, 4),
         "latency_ratio": round(ms / base_ms, 4),
-        "latency_measured": f"batch 1, 1 ORT CPU thread, fastest of {ROUNDS} rounds x {search.runs} runs interleaved, "
-                            f"mean of {SESSIONS} sessions",
-        "proxy": f"KL(unpruned || pruned) on {len(search.images)} calibration images after BatchNorm re-estimation",
-        "kl": search.kl, "steps": search.steps, "seconds": round(time.perf_counter() - start, 1),
-        "bn_adapted_on": len(data), "importance": cfg.importance, "round_to": cfg.round_to,
-        "before": before, "after": after, "macs_reduction": 1 - after["macs"] / before["macs"],
-        "params_reduction": 1 - after["params"] / before["params"], "protected": protected_layers(model, cfg),
-        "widths": widths(pruned),
+        "latency_measured": f"{timer.name}: batch 1, 1 thread, fastest of {ROUNDS} rounds x {search.runs} runs "
+                            f"interleaved, mean of {SESSIONS} sessions",
+        **({"device": getattr(timer, "environment", None)} if cfg.latency_on else {}),
+        **_record(model, pruned, cfg, input_size, search, data), "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
+    return pruned, record
+
+
+def prune_macs_kl(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:
+    """Remove cfg.ratio of the MACs the way the latency search removes time (prune.scope kl): each step prunes
+    the group whose candidate costs least KL to the unpruned model per MAC saved, across all groups."""
+    start = time.perf_counter()
+    pruned, search, _, _ = _search(model, cfg, input_size, data, MacsCost(input_size), 1 - cfg.ratio, "MACs")
+    record = {"mode": "ratio", "scope": "kl", "by": "macs", "ratio": cfg.ratio, "latency_step": cfg.latency_step,
+              **_record(model, pruned, cfg, input_size, search, data),
+              "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
     return pruned, record

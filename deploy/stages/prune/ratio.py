@@ -17,7 +17,7 @@ def _prune_once(model: nn.Module, cfg: PruneConfig, ratio: float, input_size: in
     """A pruned copy of `model` with `ratio` of the channels of every prunable group removed."""
     import torch_pruning as tp
 
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).eval().requires_grad_(True)  # Torch-Pruning skips frozen weights
     modules = dict(model.named_modules())
     ignored = [modules[n] for n in protected_layers(model, cfg)]
     example = torch.zeros(1, 3, input_size, input_size)

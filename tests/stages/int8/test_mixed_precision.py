@@ -5,6 +5,7 @@ import pytest
 from helpers import BAD, bad_layer_onnx, images
 
 from deploy.errors import DeployError
+from deploy.evalset import EvalSet
 from deploy.stages.int8.mixed_precision import MixedPrecisionFailed, fallback
 from deploy.recipe import MixedPrecisionConfig, QuantizeConfig, VerifyConfig
 from deploy.runtimes.ort import OrtCpu
@@ -38,7 +39,7 @@ def test_fallback_keeps_the_bad_layer_in_float_and_meets_the_target(setup, targe
     assert metrics.missed_thresholds(thresholds, evaluate(ptq, x, ref, labels))  # plain PTQ misses
 
     out = root / f"mixed-{target}.onnx"
-    record = fallback(fp32, calib, x, labels, cfg, thresholds, out, cache)
+    record = fallback(fp32, calib, EvalSet.arrays(x, labels), cfg, thresholds, out, cache)
     assert record["met"] and record["float_layers"] == [BAD]
     assert record["ranking"]["layers"][0]["node"] == BAD and record["ranking"]["images"] == 16
     assert record["int8"]["missed"] and not record["steps"][0]["missed"] and record["steps"][0]["added"] == BAD
@@ -53,7 +54,7 @@ def test_fallback_fails_clearly_when_max_float_layers_cannot_meet_the_target(set
     quantize.quantize(fp32, root / "ptq-fail.onnx", calib, cfg, cache, None)
     with pytest.raises(MixedPrecisionFailed, match=r"1 layers in float \(quantize.mixed_precision.max_float_layers 1\), "
                                                   r"still int8 logit SQNR .* dB < min_sqnr_db 80") as err:  # fmt: skip
-        fallback(fp32, calib, x, None, cfg, VerifyConfig(max_top1_drop=None, min_sqnr_db=80), root / "m.onnx", cache)
+        fallback(fp32, calib, EvalSet.arrays(x), cfg, VerifyConfig(max_top1_drop=None, min_sqnr_db=80), root / "m.onnx", cache)
     assert [s["added"] for s in err.value.record["steps"]] == [BAD] and not err.value.record["met"]
     assert not (root / "m.onnx").exists()
 
@@ -61,13 +62,13 @@ def test_fallback_fails_clearly_when_max_float_layers_cannot_meet_the_target(set
 def test_fallback_needs_a_threshold_that_applies(setup):
     root, fp32, calib, x, _ = setup
     with pytest.raises(DeployError, match="needs a threshold"):  # max_top1_drop without labels does not apply
-        fallback(fp32, calib, x, None, _cfg("tensorrt", 2), VerifyConfig(max_top1_drop=1.0), root / "m.onnx", root)
+        fallback(fp32, calib, EvalSet.arrays(x), _cfg("tensorrt", 2), VerifyConfig(max_top1_drop=1.0), root / "m.onnx", root)
 
 
 def test_already_good_int8_keeps_everything_in_int8(setup):
     root, fp32, calib, x, labels = setup
     cfg, cache = _cfg("tensorrt", 2), root / "cache-ok"
     quantize.quantize(fp32, root / "ptq-ok.onnx", calib, cfg, cache, None)
-    record = fallback(fp32, calib, x, labels, cfg, VerifyConfig(max_top1_drop=100.0), root / "ok.onnx", cache)
+    record = fallback(fp32, calib, EvalSet.arrays(x, labels), cfg, VerifyConfig(max_top1_drop=100.0), root / "ok.onnx", cache)
     assert record["met"] and record["float_layers"] == [] and (root / "ok.onnx").is_file()
     assert np.isfinite(record["int8"]["top1_drop"])

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from deploy.evalset import EvalSet
 from deploy.stages.int8 import sensitivity
 from deploy.cli import main
 from deploy.recipe import QuantizeConfig
@@ -58,7 +59,7 @@ def test_output_quantization_error_accounts_for_the_relu_the_quantizer_removed(b
 def test_variants_find_the_layer_whose_float_copy_restores_the_logits(built):
     fp32, calib, models = built
     int8, cfg, cache = models["tensorrt"]
-    result = sensitivity.analyze(fp32, int8, calib, images(16, 1), None, cfg, cache, sqnr_images=8, variant_images=16)
+    result = sensitivity.analyze(fp32, int8, calib, EvalSet.arrays(images(16, 1)), cfg, cache, sqnr_images=8, variant_images=16)
     assert result["ranking"] == "excluded_gain_db" and result["base"]["sqnr_db"] < 10
     by_node = {r["node"]: r for r in result["layers"]}
     assert sensitivity.worst(result["layers"], 1, "excluded_gain_db")[0]["node"] == BAD
