@@ -31,7 +31,8 @@ from deploy.runtimes.base import interleaved_best_ms
 from deploy.runtimes.ort import OrtCpu
 from deploy.stages import distill, prune
 from deploy.stages.export_onnx import export
-from deploy.stages.prune.latency import MAX_STEPS, SESSIONS, LatencySearch, LocalTimer
+from deploy.stages.prune.latency import MAX_STEPS, SESSIONS, LatencySearch
+from deploy.stages.prune.timing import LocalTimer
 from deploy.train import eval_transform, fit, image_folder, subset, train_transform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset
 
 from .console import track, warn
 from .errors import DeployError
-from .evalset import EvalSet, Files, sample
+from .evalset import EvalSet, Item, Unreadable, sample
 from .recipe import Preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -86,6 +87,20 @@ def preprocess(paths: list[Path], pre: Preprocessor, what: str) -> tuple[np.ndar
     if not arrays:
         raise DeployError(f"none of the {len(paths)} {what} images could be read (first: {paths[0]})")
     return np.stack(arrays), kept, skipped
+
+
+class Files(Dataset):
+    """Image files through the evaluation transform `pre`, with their labels: what the DataLoader workers read."""
+
+    def __init__(self, paths: list, labels: np.ndarray, pre: Preprocessor):
+        self.paths, self.labels, self.pre = paths, labels, pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Item:
+        img = read_image(self.paths[i])
+        return Unreadable(i) if img is None else (i, self.pre(img)[None], self.labels[i : i + 1])
 
 
 def imagenet_synsets() -> list[str]:

@@ -28,22 +28,6 @@ class Unreadable(NamedTuple):
 Item = tuple[int, np.ndarray, np.ndarray] | Unreadable  # (index, images (n, 3, H, W), labels (n,)) or a miss
 
 
-class Files(torch.utils.data.Dataset):
-    """Image files through the evaluation transform `pre` (deploy.data.Preprocessor), with their labels."""
-
-    def __init__(self, paths: list, labels: np.ndarray, pre: Callable):
-        self.paths, self.labels, self.pre = paths, labels, pre
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Item:
-        from .data import read_image
-
-        img = read_image(self.paths[i])
-        return Unreadable(i) if img is None else (i, self.pre(img)[None], self.labels[i : i + 1])
-
-
 class _Arrays(torch.utils.data.Dataset):
     def __init__(self, inputs: np.ndarray, labels: np.ndarray):
         self.inputs, self.labels = inputs, labels

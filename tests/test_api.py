@@ -102,7 +102,7 @@ def test_build_your_own_module_end_to_end(tmp_path, cifar, trained):
     assert [s["name"] for s in r["stages"]][:6] == ["load", "data", "prune", "distill", "fold_bn", "export_onnx"]
     assert r["prune"]["after"]["macs"] < 0.8 * r["prune"]["before"]["macs"]
     acc = r["accuracy"]
-    assert acc["fp32"]["n"] == 1000 and acc["fp32"]["top1"] > 30  # well above chance (10%): a trained model
+    assert acc["fp32"]["n"] == 1000 and acc["fp32"]["top1"] > 25  # well above chance (10%): a trained model, pruned
     assert acc["top1_drop"] <= r["recipe"]["verify"]["max_top1_drop"]
     assert result.int8_onnx == tmp_path / "b" / "model.int8.onnx" and result.recommended.is_file()
     assert all(torch.equal(v, before[k]) for k, v in trained.state_dict().items())  # the user's module untouched

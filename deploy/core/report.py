@@ -267,26 +267,23 @@ def _stages_summary(r: dict) -> list[str]:
 def _latency_pruning(p: dict) -> list[str]:
     """The steps of the pruning search (stages/prune/latency.py; by latency or by MACs): the widths it chose."""
     if p.get("scope") == "kl":
-        lines = ["## Pruning by MACs, channels chosen by KL", "",
-                 f"MACs {p['before']['macs'] / 1e6:.1f}M -> {p['after']['macs'] / 1e6:.1f}M "
-                 f"({p['macs_reduction']:.3f} removed) in {len(p['steps'])} steps, {p['seconds']:.0f} s. Each step "
-                 f"pruned the group with the least {p['proxy']} per MAC saved.", "",
-                 "| step | group | channels | MMACs saved | KL | MACs after |", "|---|---|---|---|---|---|"]  # fmt: skip
-        for i, s in enumerate(p["steps"], 1):
-            lines.append(f"| {i} | `{s['group']}` | {s['channels'][0]} -> {s['channels'][1]} | "
-                         f"{s['mmacs_saved']:.3f} | {s['kl']:.4f} | {_fmt(s.get('macs_ratio'), '.3f')} |")  # fmt: skip
-        return lines + [""]
-    if p.get("mode") != "latency":
+        title, unit, after = "Pruning by MACs, channels chosen by KL", "MMACs", "MACs"
+        saved, ratio = "mmacs_saved", "macs_ratio"
+        summary = (f"MACs {p['before']['macs'] / 1e6:.1f}M -> {p['after']['macs'] / 1e6:.1f}M "
+                   f"({p['macs_reduction']:.3f} removed) in {len(p['steps'])} steps, {p['seconds']:.0f} s.")  # fmt: skip
+    elif p.get("mode") == "latency":
+        title, unit, after, saved, ratio = "Latency-aware pruning", "ms", "latency", "ms_saved", "latency_ratio"
+        summary = (f"Budget {p['latency_budget']:.2f} of the unpruned latency: {p['latency_before_ms']:.3f} -> "
+                   f"{p['latency_after_ms']:.3f} ms ({p['latency_ratio']:.3f}) in {len(p['steps'])} steps, "
+                   f"{p['seconds']:.0f} s ({p['latency_measured']}).")  # fmt: skip
+    else:
         return []
-    lines = ["## Latency-aware pruning", "",
-             f"Budget {p['latency_budget']:.2f} of the unpruned latency: {p['latency_before_ms']:.3f} -> "
-             f"{p['latency_after_ms']:.3f} ms ({p['latency_ratio']:.3f}) in {len(p['steps'])} steps, "
-             f"{p['seconds']:.0f} s ({p['latency_measured']}). Each step pruned the group with the least "
-             f"{p['proxy']} per ms saved.", "",
-             "| step | group | channels | ms saved | KL | latency after |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"## {title}", "", f"{summary} Each step pruned the group with the least {p['proxy']} per {unit} saved.",
+             "", f"| step | group | channels | {unit} saved | KL | {after} after |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for i, s in enumerate(p["steps"], 1):
-        lines.append(f"| {i} | `{s['group']}` | {s['channels'][0]} -> {s['channels'][1]} | {s['ms_saved']:.4f} | "
-                     f"{s['kl']:.4f} | {_fmt(s.get('latency_ratio'), '.3f')} |")  # fmt: skip
+        lines.append(f"| {i} | `{s['group']}` | {s['channels'][0]} -> {s['channels'][1]} | {s[saved]:.4f} | "
+                     f"{s['kl']:.4f} | {_fmt(s.get(ratio), '.3f')} |")  # fmt: skip
     return lines + [""]
 
 

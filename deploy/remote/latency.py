@@ -10,7 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from ..recipe import DeviceConfig
-from ..stages.prune.latency import onnx_bytes, time_floor
+from ..stages.prune.timing import onnx_bytes, time_floor
 from . import ssh
 from .verify import RUNNER, TIMING, remote_folder, runner
 

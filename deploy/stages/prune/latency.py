@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,11 +32,9 @@ from torch.nn import functional as F
 from ... import macs
 from ...console import info
 from ...errors import DeployError
-from ...recipe import ExportConfig, PruneConfig
-from ...runtimes.base import interleaved_best_ms
-from ...runtimes.ort import OrtCpu
-from ..export_onnx import export
+from ...recipe import PruneConfig
 from .groups import adapt_bn, importance, protected_layers, traceable_shuffle, widths
+from .timing import LocalTimer
 
 # The accuracy proxy (BN re-estimation and KL) runs on calibration images worth this many pixels, per candidate
 # (128 images at 64x64, the 32-image minimum at 224x224), which bounds its cost at large inputs.
@@ -58,43 +54,6 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-def onnx_bytes(model: nn.Module, input_size: int) -> bytes:
-    """`model` exported as the build would (unsimplified: the search times many candidates)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "candidate.onnx"
-        export(model, path, ExportConfig(simplifier="none"), input_size)
-        return path.read_bytes()
-
-
-def time_floor(current: float, spread: float) -> float:
-    """A saving counts when it exceeds the spread of the current model's sessions and 0.5% of its latency: two
-    sessions of one model differ by up to 1.5% here (see the module docstring)."""
-    return max(spread, 0.005 * current)
-
-
-class LocalTimer:
-    """Batch-1 timing on this machine: `sessions` ONNX Runtime sessions of each model, one thread each. A search
-    cost: `load(model)` gives a handle, `best_ms(handles, rounds, runs)` each one's sessions' fastest times (ms),
-    `floor(current, spread)` the least saving that counts."""
-
-    name, unit, floor = "onnxruntime-cpu on this machine", "latency", staticmethod(time_floor)
-
-    def __init__(self, input_size: int, sessions: int):
-        self.size, self.sessions = input_size, sessions
-
-    def load(self, model: nn.Module) -> list[OrtCpu]:
-        onnx = onnx_bytes(model, self.size)
-        return [OrtCpu(onnx, threads=1) for _ in range(self.sessions)]
-
-    def best_ms(self, models: list[list[OrtCpu]], rounds: int, runs: int) -> list[list[float]]:
-        """Each model's sessions' fastest batch-1 times (ms), all timed in alternating rounds."""
-        best = interleaved_best_ms([s for m in models for s in m], (3, self.size, self.size), 1, rounds, runs)
-        return [best[i : i + self.sessions] for i in range(0, len(best), self.sessions)]
-
-    def close(self) -> None:
-        pass
 
 
 class MacsCost:
@@ -216,7 +175,7 @@ class LatencySearch:
         dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels, p.idxs).prune()
         return model
 
-    def _time_savings(self, proposals: list[_Proposal], rounds: int) -> dict[str, tuple[nn.Module, list[OrtCpu]]]:
+    def _time_savings(self, proposals: list[_Proposal], rounds: int) -> dict[str, tuple[nn.Module, object]]:
         """Time the proposals whose layers changed since they were last timed, against the current model."""
         built = {}
         for p in proposals:
