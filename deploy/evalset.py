@@ -46,7 +46,8 @@ def _collate(items: list[Item]):
     missed = [it for it in items if isinstance(it, Unreadable)]
     if not good:
         return None, None, missed
-    return torch.from_numpy(np.concatenate([g[1] for g in good])), torch.from_numpy(np.concatenate([g[2] for g in good])), missed
+    x, y = (torch.from_numpy(np.concatenate([g[k] for g in good])) for k in (1, 2))
+    return x, y, missed
 
 
 def default_workers() -> int:
