@@ -73,6 +73,19 @@ def _latency_aware(teacher, uniform, cfg, size, calib) -> dict[str, torch.nn.Mod
     return snaps
 
 
+def cifar_data(cifar: Path, recipe, train_images: int | None, test_images: int | None):
+    """Test images and labels (arrays), the augmented training subset, and 512 other training images (unlabeled,
+    for the KL proxy and BatchNorm re-estimation)."""
+    pre = recipe.preprocess
+    test = subset(image_folder(cifar / "test", eval_transform(pre), 10, "test"), test_images, 0)
+    x = torch.stack([test[i][0] for i in range(len(test))]).numpy()
+    y = np.array([test[i][1] for i in range(len(test))])
+    train = subset(image_folder(cifar / "train", train_transform(pre, recipe.distill.augment), 10, "training"),
+                   train_images, 0)  # fmt: skip
+    plain = subset(image_folder(cifar / "train", eval_transform(pre), 10, "training"), 512, 1)
+    return x, y, train, torch.stack([plain[i][0] for i in range(len(plain))]).numpy()
+
+
 def _onnx(model, size) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         export(model, Path(tmp) / "m.onnx", ExportConfig(simplify=False), size)
@@ -98,13 +111,7 @@ def main() -> None:
     recipe = recipes.override(recipe, {"model.weights": str(args.checkpoint), "distill.epochs": args.epochs})
     size = recipe.preprocess.input_size
     teacher = models.build(recipe.model)
-    test = subset(image_folder(args.cifar / "test", eval_transform(recipe.preprocess), 10, "test"), args.test_images, 0)
-    x = torch.stack([test[i][0] for i in range(len(test))]).numpy()
-    y = np.array([test[i][1] for i in range(len(test))])
-    train = subset(image_folder(args.cifar / "train", train_transform(recipe.preprocess, recipe.distill.augment), 10,
-                                "training"), args.train_images, 0)  # fmt: skip
-    plain = subset(image_folder(args.cifar / "train", eval_transform(recipe.preprocess), 10, "training"), 512, 1)
-    calib = torch.stack([plain[i][0] for i in range(len(plain))]).numpy()  # unlabeled, for BN re-estimation
+    x, y, train, calib = cifar_data(args.cifar, recipe, args.train_images, args.test_images)
     # CE fine-tuning gets exactly KD's loop settings: only the loss differs.
     loop = recipe.train.model_copy(update={"epochs": args.epochs, "lr": recipe.distill.lr,
                                            "batch_size": recipe.distill.batch_size})  # fmt: skip

@@ -26,7 +26,7 @@ from deploy.recipe import ExportConfig
 from deploy.runtimes.ort import OrtCpu
 from deploy.stages import distill, prune
 from deploy.stages.export_onnx import export
-from deploy.train import eval_transform, image_folder, subset, train_transform
+from prune_distill_cifar10 import cifar_data  # benchmarks/, on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,13 +57,7 @@ def main() -> None:
                                  "distill.epochs": args.epochs, "prune.enabled": True, "prune.ratio": args.ratio})  # fmt: skip
         size = r.preprocess.input_size
         teacher = models.build(r.model)
-        test = subset(image_folder(args.cifar / "test", eval_transform(r.preprocess), 10, "test"), args.test_images, 0)
-        x = torch.stack([test[i][0] for i in range(len(test))]).numpy()
-        y = np.array([test[i][1] for i in range(len(test))])
-        train = subset(image_folder(args.cifar / "train", train_transform(r.preprocess, r.distill.augment), 10,
-                                    "training"), args.train_images, 0)  # fmt: skip
-        plain = subset(image_folder(args.cifar / "train", eval_transform(r.preprocess), 10, "training"), 512, 1)
-        calib = torch.stack([plain[i][0] for i in range(len(plain))]).numpy()
+        x, y, train, calib = cifar_data(args.cifar, r, args.train_images, args.test_images)
         with tempfile.TemporaryDirectory() as tmp:
             base = top1(teacher, x, y, size, Path(tmp))
             for scope in ("uniform", "kl"):

@@ -7,7 +7,6 @@ workers. Unreadable files are skipped and counted; a user's item that does not f
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -16,6 +15,7 @@ import torch
 
 from .console import progress
 from .errors import DeployError
+from .runtimes.ort import default_threads
 
 
 class Unreadable(NamedTuple):
@@ -50,11 +50,6 @@ def _collate(items: list[Item]):
     return x, y, missed
 
 
-def default_workers() -> int:
-    """Decode processes when the recipe does not say: one per core this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class EvalSet:
     """The items of `dataset` (a torch Dataset of Items, read in worker processes) or, for a source without
     random access, those `iterate(batch)` yields. After a full pass, `labels` (of the images that were read, in
@@ -66,7 +61,8 @@ class EvalSet:
                  classes: list[str] | None = None, sampled: dict | None = None):  # fmt: skip
         self.dataset, self.iterate, self.what, self.labeled = dataset, iterate, what, labeled
         self.n = None if dataset is None else len(dataset)
-        self.workers = 0 if iterate else default_workers() if workers is None else workers  # ours, not the source's
+        # decode processes: ours (not the source's), by default one per core this process may use
+        self.workers = 0 if iterate else default_threads() if workers is None else workers
         self.names = names  # what to call item i in `skipped` (file paths)
         self.class_mapping, self.classes = class_mapping, classes  # labeled folders: how folders became classes
         self.sampled = sampled  # verify.val_limit: {"limit", "seed", "of"}
