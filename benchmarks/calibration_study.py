@@ -1,17 +1,21 @@
 """Calibration quality: how many calibration images and which range method, on two real models.
 
     python benchmarks/calibration_study.py --data ../shared/data --cifar DIR [--target ort-cpu]
+        [--percentiles 99.99,99.999] [--bias-correction] [--adaround] [--split] [--cifar-counts '' to skip CIFAR-10]
 
 - EfficientNet-Lite0 (real ImageNet weights): 64 / 128 / 200 images from imagenet-sample/calib, evaluated on
   the 800 imagenet-sample/val images.
 - mobilenet_v3_small trained on CIFAR-10 (checkpoints/, 64x64): 64 / 256 / 1024 images from DIR/train,
   evaluated on 2000 images of DIR/test drawn with a seed.
 
-Each count is crossed with each method (minmax, percentile, entropy: onnxruntime's; mse: our range search,
-deploy/stages/mse_calibration.py) through deploy.stages.int8.quantize with the model's recipe otherwise unchanged.
+Each count is crossed with each method (minmax, percentile at each of --percentiles, entropy: onnxruntime's; mse:
+our range search, deploy/stages/int8/calibration.py) through deploy.stages.int8.quantize with the model's recipe
+otherwise unchanged, then (--bias-correction) deploy.stages.int8.bias_correction as the build does by default;
+--adaround adds a row per method with deploy.stages.int8.adaround before the bias correction.
 Prints top-1 drop, top-1 agreement with fp32 and logit SQNR, with exact Q/DQ arithmetic (what TensorRT and
-VNNI/AMX CPUs compute) and on this CPU's ORT kernels, and the quantization time.
-"""
+VNNI/AMX CPUs compute) and on this CPU's ORT kernels, and the quantization time. With --split, exact arithmetic
+only, on two halves of the evaluation images (seeded shuffle, seed 0): split A to choose a default on, split B
+to report it on."""
 
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy import data, models, recipe
+from deploy import data, metrics, models, recipe
+from deploy.evalset import EvalSet
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
-from deploy import metrics
 from deploy.stages import export_onnx, fold_bn
 from deploy.stages.int8 import quantize
+from deploy.stages.int8.adaround import adaround as adaround_weights
+from deploy.stages.int8.bias_correction import correct_bias
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,45 +48,77 @@ def _subset(root: Path, n: int, work: Path) -> Path:
     return out
 
 
-def study(name: str, r: recipe.Recipe, calib_root: Path, val: data.ImageSet, counts: list[int], methods: list[str],
-          target: str, work: Path) -> list[dict]:  # fmt: skip
+def _runs(methods: list[str], percentiles: list[float] | None) -> list[tuple[str, float | None]]:
+    """(method, percentile) pairs: percentile once per value of --percentiles (the recipe's without), others once."""
+    return [(m, p) for m in methods for p in ((percentiles or [None]) if m == "percentile" else [None])]
+
+
+def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: list[int], runs: list[tuple],
+          target: str, bias_correction: bool, adaround: bool, split: bool, work: Path) -> list[dict]:  # fmt: skip
     model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
     fp32 = work / f"{name}.onnx"
     export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
     ref = metrics.logits(OrtCpu(fp32), val, 64, f"{name} fp32")
-    fp32_top1 = metrics.accuracy(ref, val.labels)["top1"]
+    labels = val.labels
+    # split A (tune) and split B (report): the val images in two halves by a seeded shuffle
+    halves = dict(zip("AB", np.array_split(np.random.default_rng(0).permutation(len(labels)), 2))) if split else {}
+    fp32_top1 = {"all": metrics.accuracy(ref, labels)["top1"]}
+    fp32_top1.update({h: metrics.accuracy(ref[i], labels[i])["top1"] for h, i in halves.items()})
     pre = data.Preprocessor(r.preprocess)
     rows = []
     for n in counts:
         calib = data.calibration_data(calib_root, pre, n, 0, 0).calib.inputs
-        for method in methods:
-            cfg = recipe.override(r, {"quantize.enabled": True, "quantize.target": target,
-                                      "quantize.calibration.method": method}).quantize  # fmt: skip
-            out = work / f"{name}-{n}-{method}.onnx"
+        for method, pct in runs:
+            updates = {"quantize.enabled": True, "quantize.target": target, "quantize.calibration.method": method}
+            cfg = recipe.override(r, updates | ({"quantize.calibration.percentile": pct} if pct else {})).quantize
+            used = method if method != "percentile" else f"percentile-{cfg.calibration.percentile}"
+            nearest = work / f"{name}-{n}-{used}.onnx"
             start = time.perf_counter()
-            info = quantize.quantize(fp32, out, calib, cfg, work / f"cache-{name}-{n}-{method}", None)
-            row = {"model": name, "images": len(calib), "method": info["calibration"]["method_used"],
-                   "seconds": time.perf_counter() - start, "fp32": fp32_top1}  # fmt: skip
-            for how, exact in (("exact", True), ("kernels", False)):
-                got = metrics.logits(OrtCpu(out, reference=exact), val, 64, f"{name} {n} {method} {how}")
-                row[how] = metrics.compare(ref, got, val.labels)
-            rows.append(row)
-            print(f"  {name} {len(calib):5d} {method:10s} agreement {row['exact']['agreement']:.2f}% "
-                  f"({row['seconds']:.0f} s)", flush=True)
+            info = quantize.quantize(fp32, nearest, calib, cfg, work / f"cache-{name}-{n}-{used}", None)
+            quantized = time.perf_counter() - start
+            if info["calibration"]["method_used"] != method:  # the histogram methods' minmax fallback
+                used = f"{used} (ran {info['calibration']['method_used']})"
+            for ada in (True, False) if adaround else (False,):  # AdaRound first: it starts from the nearest model
+                out = nearest.with_suffix(".ada.onnx") if ada else nearest
+                start = time.perf_counter() - quantized
+                if ada:
+                    adaround_weights(fp32, nearest, calib, out, cfg.adaround)
+                if bias_correction:  # what the build does by default (quantize.bias_correction)
+                    correct_bias(fp32, out, calib, out)
+                label = used + (" + AdaRound" if ada else "")
+                row = {"model": name, "images": len(calib), "method": label, "seconds": time.perf_counter() - start,
+                       "fp32": fp32_top1}  # fmt: skip
+                for how, exact in (("exact", True),) if split else (("exact", True), ("kernels", False)):
+                    got = metrics.logits(OrtCpu(out, reference=exact), val, 64, f"{name} {n} {label} {how}")
+                    row[how] = metrics.compare(ref, got, labels)
+                row.update({h: metrics.compare(ref[i], got[i], labels[i]) for h, i in halves.items()})
+                rows.append(row)
+                shown = row["A" if split else "exact"]["agreement"]
+                print(f"  {name} {len(calib):5d} {label:30s} agreement {shown:.2f}%{' (split A)' if split else ''} "
+                      f"({row['seconds']:.0f} s)", flush=True)  # fmt: skip
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="folder holding imagenet-sample/")
-    p.add_argument("--cifar", type=Path, required=True, help="CIFAR-10 JPEGs: train/<class>/, test/<class>/")
+    p.add_argument(
+        "--cifar", type=Path, help="CIFAR-10 JPEGs: train/<class>/, test/<class>/ (not with --cifar-counts '')"
+    )
     p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "tensorrt"])
     p.add_argument("--methods", default="minmax,percentile,entropy,mse")
-    p.add_argument("--lite0-counts", default="64,128,200")
-    p.add_argument("--cifar-counts", default="64,256,1024")
+    p.add_argument("--percentiles", help="percentile runs at each of these (e.g. 99.99,99.999); default the recipe's")
+    p.add_argument("--bias-correction", action="store_true", help="correct biases after quantize, as the build does")
+    p.add_argument("--adaround", action="store_true", help="each method also with AdaRound (before bias correction)")
+    p.add_argument("--split", action="store_true", help="report on two seeded halves of the val images, A and B")
+    p.add_argument("--lite0-counts", default="64,128,200", help="'' skips EfficientNet-Lite0")
+    p.add_argument("--cifar-counts", default="64,256,1024", help="'' skips CIFAR-10")
     p.add_argument("--cifar-test", type=int, default=2000)
     args = p.parse_args()
-    methods = args.methods.split(",")
+    if args.cifar_counts and not args.cifar:
+        p.error("--cifar DIR is needed unless --cifar-counts ''")
+    runs = _runs(args.methods.split(","), [float(x) for x in args.percentiles.split(",")] if args.percentiles else None)
+    options = (args.target, args.bias_correction, args.adaround, args.split)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -88,24 +126,45 @@ def main() -> None:
             r = recipe.load("efficientnet_lite0")
             val = data.labeled_set(args.data / "imagenet-sample/val", data.Preprocessor(r.preprocess), 1000)
             rows += study("efficientnet_lite0", r, args.data / "imagenet-sample/calib", val,
-                          [int(c) for c in args.lite0_counts.split(",")], methods, args.target, work)  # fmt: skip
+                          [int(c) for c in args.lite0_counts.split(",")], runs, *options, work)  # fmt: skip
         if args.cifar_counts:
             r = recipe.load(str(ROOT / "recipes/cifar10/mobilenet_v3_small.yaml"))
             r = recipe.override(r, {"model.weights": str(ROOT / "checkpoints/mobilenet_v3_small_cifar10.pth")})
             test = _subset(args.cifar / "test", args.cifar_test, work)
             val = data.labeled_set(test, data.Preprocessor(r.preprocess), r.model.num_classes)
             rows += study("mobilenet_v3_small_cifar10", r, args.cifar / "train", val,
-                          [int(c) for c in args.cifar_counts.split(",")], methods, args.target, work)  # fmt: skip
+                          [int(c) for c in args.cifar_counts.split(",")], runs, *options, work)  # fmt: skip
 
-    print(f"\ntarget {args.target}; exact int8 kernels on this CPU (VNNI/AMX): {exact_int8_kernels()}")
-    print("| model | fp32 top-1 | calib images | method | top-1 drop exact | agreement exact | SQNR exact dB "
-          "| top-1 drop kernels | agreement kernels | SQNR kernels dB | quantize s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    cols = {"A": "split A (tune)", "B": "split B (report)"} if args.split else {"exact": "exact", "kernels": "kernels"}
+    print(
+        f"\ntarget {args.target}; bias correction {'on' if args.bias_correction else 'off'}; AdaRound rows: "
+        f"{'yes' if args.adaround else 'no'}; "
+        f"exact int8 kernels on this CPU (VNNI/AMX): {exact_int8_kernels()}"
+    )
+    if args.split:
+        print(
+            "exact Q/DQ arithmetic on both halves of the val images (seed 0); defaults are chosen on split A "
+            "(tune) and reported on split B (report)"
+        )
+    print(
+        "| model | calib images | method | "
+        + " | ".join(f"fp32 top-1 {c} | top-1 drop {c} | agreement {c} | SQNR {c} dB" for c in cols.values())
+        + f" | quantize{' + bias correction' if args.bias_correction else ''} s |"
+    )
+    print("|---|---|---|" + "---|" * (4 * len(cols) + 1))
     for row in rows:
-        e, k = row["exact"], row["kernels"]
-        print(f"| {row['model']} | {row['fp32']:.2f} | {row['images']} | {row['method']} | {e['top1_drop']:.2f} "
-              f"| {e['agreement']:.2f} | {e['sqnr_db']:.2f} | {k['top1_drop']:.2f} | {k['agreement']:.2f} "
-              f"| {k['sqnr_db']:.2f} | {row['seconds']:.0f} |")
+        fp32 = [row["fp32"][h if args.split else "all"] for h in cols]
+        print(f"| {row['model']} | {row['images']} | {row['method']} | " + " | ".join(
+            f"{f:.2f} | {row[h]['top1_drop']:.2f} | {row[h]['agreement']:.2f} | {row[h]['sqnr_db']:.2f}"
+            for f, h in zip(fp32, cols)) + f" | {row['seconds']:.0f} |")  # fmt: skip
+    for name in dict.fromkeys(row["model"] for row in rows) if args.split else []:
+        best = max((x for x in rows if x["model"] == name), key=lambda x: (x["A"]["agreement"], x["A"]["sqnr_db"]))
+        a, b = best["A"], best["B"]
+        print(
+            f"\n{name}: best on split A (tune) by agreement, then SQNR: {best['images']} images, {best['method']} "
+            f"(A: agreement {a['agreement']:.2f}%, {a['sqnr_db']:.2f} dB); on split B (report): agreement "
+            f"{b['agreement']:.2f}%, SQNR {b['sqnr_db']:.2f} dB, top-1 drop {b['top1_drop']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Real data: the committed CIFAR-10 mobilenet_v3_small, pruned by 30% of MACs with the default channel choice
-(the KL search, prune.scope kl) and distilled for 2 epochs on the training set, stays within 1 top-1 point of
+(the KL search, prune.scope kl) and distilled for 3 epochs on 5,000 training images (issue 17's protocol; about
+a minute on 2 cores), stays within 1 top-1 point of
 the unpruned model and runs faster on ORT; before any fine-tuning, the KL choice keeps far more accuracy than
 uniform pruning at the same MACs (measured: 81.35% vs 69.70%, unpruned 81.30%, on these 2,000 images).
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "mobilenet_v3_small_cifar10.pth"
 RECIPE = ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"
 TEST_IMAGES = 2000  # of 10,000, drawn with a seed: about +-1 point of sampling error, shared by both models
-TRAIN_IMAGES = 50000  # the whole training set: 2 epochs of KD take about 4 min on 2 cores
+TRAIN_IMAGES = 5000
 
 
 def _ort_top1(model, test, tmp_path, name) -> tuple[float, OrtCpu]:
@@ -45,7 +46,7 @@ def _ort_top1(model, test, tmp_path, name) -> tuple[float, OrtCpu]:
 def test_pruned_distilled_model_keeps_accuracy_and_is_faster(cifar10, tmp_path):
     recipe = recipes.load(str(RECIPE))
     recipe = recipes.override(recipe, {"model.weights": str(CHECKPOINT), "prune.enabled": True, "prune.ratio": 0.3,
-                                       "distill.epochs": 2, "train.workers": 1})  # fmt: skip
+                                       "distill.epochs": 3, "train.workers": 1})  # fmt: skip
     teacher = models.build(recipe.model)
     test = subset(image_folder(cifar10 / "test", eval_transform(recipe.preprocess), 10, "test"), TEST_IMAGES, 0)
     train = subset(image_folder(cifar10 / "train", train_transform(recipe.preprocess, "crop_flip"), 10, "training"),

@@ -27,7 +27,8 @@ def _one_line_error(capsys):
 
 def test_build_writes_models_and_reports(tmp_path, small_recipe, small_val, capsys):
     out = tmp_path / "out"
-    rc = main(["build", _recipe_file(tmp_path, small_recipe, max_top1_drop=None), "--int8", "--target", "tensorrt",
+    fast = recipes.override(small_recipe, {"quantize.adaround.iterations": 100})  # the default 1000 take ~25 s here
+    rc = main(["build", _recipe_file(tmp_path, fast, max_top1_drop=None), "--int8", "--target", "tensorrt",
                "--val", str(small_val), "--out", str(out)])  # fmt: skip
     assert rc == 0
     assert {p.name for p in out.iterdir()} >= {"model.fp32.onnx", "model.int8.onnx", "report.json", "report.md",
@@ -35,8 +36,9 @@ def test_build_writes_models_and_reports(tmp_path, small_recipe, small_val, caps
     r = json.loads((out / "report.json").read_text())
     assert r["model"] == "mobilenet_v3_small" and r["target"] == "tensorrt" and r["passed"]
     assert r["recommended"]["model"] == "model.int8.onnx"  # tensorrt target, no threshold missed
-    assert [s["name"] for s in r["stages"]] == ["load", "data", "fold_bn", "export_onnx", "quantize",
+    assert [s["name"] for s in r["stages"]] == ["load", "data", "fold_bn", "export_onnx", "quantize", "adaround",
                                                 "bias_correction", "sensitivity", "verify", "describe"]
+    assert r["adaround"]["layers"] > 30 and "- AdaRound: " in (out / "report.md").read_text()
     assert set(r) >= {"schema", "tool", "model", "target", "int8", "created", "recipe", "stages", "warnings",
                       "failures", "calibration", "validation", "export", "fold_bn", "quantize", "accuracy", "latency",
                       "recommended", "environment", "size_bytes", "passed", "files"}  # fmt: skip

@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
                    help="latency-aware pruning times its candidates on this device (prune.latency_on)")  # fmt: skip
     b.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration")
     b.add_argument("--no-bias-correction", action="store_true", help="skip bias correction of the int8 layers")
+    b.add_argument("--adaround", choices=["on", "off"], help="learned rounding of the int8 weights (default: on for "
+                   "the tensorrt target, docs/int8.md)")  # fmt: skip
     b.add_argument("--qat", choices=["auto", "on", "off"], help="quantization-aware training (auto: when int8 "
                    "misses a threshold and --train is given)")  # fmt: skip
     b.add_argument("--mixed-precision", action="store_true",
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         "prune.latency_on": {"url": args.latency_on} if args.latency_on else None,
         "quantize.equalize.enabled": True if args.equalize else None,
         "quantize.bias_correction": False if args.no_bias_correction else None,
+        "quantize.adaround.enabled": None if args.adaround is None else args.adaround == "on",
         "quantize.qat.mode": args.qat,
         "quantize.mixed_precision.enabled": True if args.mixed_precision else None,
         "distill.enabled": True if args.distill else None,

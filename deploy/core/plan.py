@@ -19,6 +19,7 @@ from ..stages.distill import Distill
 from ..stages.engine import Engine
 from ..stages.export_onnx import ExportONNX, ImportONNX
 from ..stages.fold_bn import FoldBN
+from ..stages.int8.adaround import AdaRound
 from ..stages.int8.bias_correction import BiasCorrection
 from ..stages.int8.equalize import Equalize
 from ..stages.int8.mixed_precision import MixedPrecision
@@ -41,9 +42,9 @@ class Stage(Protocol):
 
 
 # load -> data -> [import_onnx | prune -> distill -> fold_bn -> export_onnx] -> [equalize] -> pad_depthwise ->
-# quantize -> bias_correction -> [qat] -> [mixed_precision] -> sensitivity -> [engine] -> verify -> describe
+# quantize -> [adaround] -> bias_correction -> [qat] -> [mixed_precision] -> sensitivity -> [engine] -> verify -> describe
 PLAN: list[Stage] = [
     Load(), Data(), ImportONNX(), Prune(), Distill(), FoldBN(), ExportONNX(),
-    Equalize(), PadDepthwise(), Quantize(), BiasCorrection(), QAT(), MixedPrecision(), Sensitivity(),
+    Equalize(), PadDepthwise(), Quantize(), AdaRound(), BiasCorrection(), QAT(), MixedPrecision(), Sensitivity(),
     Engine(), Verify(), Describe(),
 ]  # fmt: skip

@@ -226,6 +226,11 @@ def _int8_steps(r: dict) -> list[str]:
         lines.append("- Depthwise channels zero-padded to a multiple of 16 for ORT's int8 kernels: "
                      + ", ".join(f"`{n}` -> {c}" for n, c in pad["convs"].items())
                      + f"; fp32 logits changed by {pad['max_abs_logit_diff']:.1e}.")  # fmt: skip
+    if ar := r.get("adaround"):
+        ratio = ar["error_ratio"] and f", output error {ar['error_ratio']['median']:.2f}x nearest rounding's (median)"
+        lines.append(f"- AdaRound: {ar['layers']} layers on {ar['images']} calibration images, {ar['iterations']} "
+                     f"steps each; {ar['flipped'] * 100:.0f}% of their weights rounded the other way{ratio or ''}, "
+                     f"{ar['kept_nearest']} kept nearest rounding; {ar['seconds']:.0f} s.")  # fmt: skip
     if bc := r.get("bias_correction"):
         lines.append(f"- Bias correction: {bc['layers']} layers on {bc['images']} calibration images"
                      + (f", median RMS shift removed {bc['rms_shift']['median']:.2e}." if bc["rms_shift"] else "."))  # fmt: skip
@@ -233,7 +238,7 @@ def _int8_steps(r: dict) -> list[str]:
         lines.append(f"- QAT ({qat['reason']}): {len(qat['history'])} epochs; post-training int8 "
                      f"{figures(qat['ptq'])} -> after QAT {figures(qat['int8'])}"
                      + ("; worse, so the post-training model was kept." if qat.get("kept") else
-                        " (calibrated again, without bias correction: QAT learned the biases under quantization)."))  # fmt: skip
+                        " (calibrated again, without AdaRound or bias correction: QAT learned under quantization)."))  # fmt: skip
     if mp := r.get("mixed_precision"):
         if mp.get("error"):
             lines.append(f"- Mixed precision failed: {_cell(mp['error'])}.")

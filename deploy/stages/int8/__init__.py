@@ -1,4 +1,4 @@
-"""The int8 stages, in plan order: equalize -> pad_depthwise -> quantize -> bias_correction -> [qat] ->
+"""The int8 stages, in plan order: equalize -> pad_depthwise -> quantize -> [adaround] -> bias_correction -> [qat] ->
 [mixed_precision] -> sensitivity. QAT runs when `quantize.qat.mode` is on, or auto and the int8 model misses a
 verify threshold and training images are given; mixed precision when enabled and the int8 model still misses
 one. Both are judged on the build's evaluation images (--val, else held-out calibration images), the same ones

@@ -205,7 +205,9 @@ class _Stepper:
         self.done = 0
 
     def run_to(self, tensor: str) -> np.ndarray:
-        """Compute the body up to the node making `tensor`; returns it for every image."""
+        """Compute the body up to the node making `tensor` (none for the graph input); returns it for every image."""
+        if tensor not in self.position:
+            return self.live[tensor]
         end = self.position[tensor]
         nodes = self.body[self.done : end + 1]
         made = {o for n in nodes for o in n.output}

@@ -136,8 +136,9 @@ class MixedPrecision:
             b.report["mixed_precision"] = {**err.record, "error": str(err)}
             b.warn(str(err))
             return "failed"
-        if b.recipe.quantize.bias_correction:
-            record["note"] = "re-quantized from the calibration ranges without bias correction"
+        q = b.recipe.quantize
+        if q.bias_correction or q.adaround.active(q.target):
+            record["note"] = "re-quantized from the calibration ranges without AdaRound or bias correction"
         b.report["mixed_precision"] = record
         b.int8_changed()
         return f"{len(record['float_layers'])} layers kept in float: " + ", ".join(record["float_layers"])

@@ -207,7 +207,8 @@ class QAT:
         if b.options.train is None:
             raise DeployError("quantize.qat: on needs training images: pass --train DIR")
         before, ptq_source = dict(b.evaluate()), b.source
-        ptq_report = {k: b.report[k] for k in ("quantize", "bias_correction", "pad_depthwise") if k in b.report}
+        ptq_keys = ("quantize", "adaround", "bias_correction", "pad_depthwise")
+        ptq_report = {k: b.report[k] for k in ptq_keys if k in b.report}
         with tempfile.TemporaryDirectory(dir=b.workdir) as keep:
             kept = {p: Path(keep, p.name) for p in (b.int8_onnx, b.workdir / PREPARED) if p.is_file()}
             for path, copy in kept.items():
@@ -221,7 +222,8 @@ class QAT:
                 "post-training int8 missed: " + "; ".join(missed_thresholds(r.verify, before))  # fmt: skip
             b.report["qat"] = {"mode": q.qat.mode, "history": history, "world_size": distributed.world_size(),
                                "ptq": _figures(before), "reason": reason}  # fmt: skip
-            b.report.pop("bias_correction", None)
+            for learned_without_training in ("adaround", "bias_correction"):
+                b.report.pop(learned_without_training, None)
             for stage, label in ((PadDepthwise(), "pad_depthwise"), (Quantize(), "quantize_qat")):
                 if stage.applies(b):
                     with b.stage(label) as s:
