@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +19,18 @@ from .errors import DeployError
 from .recipe import Augment, Preprocess, TrainConfig
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch on `n` OpenMP threads for a while (small ops on 2 threads of a shared 2-core machine wait on each
+    other: see the callers' measurements)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def train_transform(pre: Preprocess, augment: Augment):

@@ -1,11 +1,5 @@
-"""Accuracy parity on real ImageNet photos: EfficientNet-Lite0 int8 within 0.3 top-1 point of fp32 (ort-cpu), with
-top-1 agreement of at least 97% (onnxruntime's quantize_static per-channel gives about 95-96%; see the README).
-
-The tensorrt form gets AdaRound by default: logit SQNR 22.5 dB with it, 19.0 without, agreement 97.6% vs 97.0%
-on these 800 photos. Its top-1 drop is held to 1.0 point, not 0.3: with ~19 images where int8 and fp32 disagree,
-the drop's standard error is ~0.55 points (sqrt(19) / 800), and two runs of the same algorithm that differed only
-in float rounding inside the optimizer gave 0.25 and 0.75 at equal SQNR and agreement (docs/int8.md). The SQNR
-floor is what a model without AdaRound misses."""
+"""Accuracy parity on real ImageNet photos: EfficientNet-Lite0 int8 within 0.3 top-1 point of fp32, with top-1
+agreement of at least 97% (onnxruntime's quantize_static per-channel gives about 95-96%; see the README)."""
 
 import pytest
 
@@ -31,10 +25,6 @@ def test_efficientnet_lite0_int8_keeps_top1(tmp_path, imagenet_sample, target):
         assert acc["reference"]["top1_drop"] <= 0.3
         assert acc["reference"]["agreement"] >= 97.0
         assert any("no VNNI" in w for w in report["warnings"])
-    elif target == "ort-cpu":
-        assert acc["top1_drop"] <= 0.3
-        assert acc["agreement"] >= 97.0
     else:
-        assert report["adaround"]["layers"] >= 40 and acc["sqnr_db"] > 21.0
-        assert acc["top1_drop"] <= 1.0
+        assert acc["top1_drop"] <= 0.3
         assert acc["agreement"] >= 97.0

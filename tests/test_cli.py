@@ -29,7 +29,7 @@ def test_build_writes_models_and_reports(tmp_path, small_recipe, small_val, caps
     out = tmp_path / "out"
     fast = recipes.override(small_recipe, {"quantize.adaround.iterations": 100})  # the default 1000 take ~25 s here
     rc = main(["build", _recipe_file(tmp_path, fast, max_top1_drop=None), "--int8", "--target", "tensorrt",
-               "--val", str(small_val), "--out", str(out)])  # fmt: skip
+               "--adaround", "on", "--val", str(small_val), "--out", str(out)])  # fmt: skip
     assert rc == 0
     assert {p.name for p in out.iterdir()} >= {"model.fp32.onnx", "model.int8.onnx", "report.json", "report.md",
                                                 "latency.png", "calibration.json"}  # fmt: skip

@@ -99,7 +99,6 @@ def test_build_with_prune_and_distill_reports_every_stage(tmp_path, small_recipe
     data["verify"]["max_top1_drop"] = None
     data["distill"].update({"epochs": 1, "batch_size": 4})
     data["train"]["workers"] = 0
-    data["quantize"]["adaround"]["enabled"] = False  # QAT is what these tests are about (AdaRound: test_adaround.py)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"

@@ -33,8 +33,8 @@ def add_parser(sub) -> None:
                    help="latency-aware pruning times its candidates on this device (prune.latency_on)")  # fmt: skip
     b.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration")
     b.add_argument("--no-bias-correction", action="store_true", help="skip bias correction of the int8 layers")
-    b.add_argument("--adaround", choices=["on", "off"], help="learned rounding of the int8 weights (default: on for "
-                   "the tensorrt target, docs/int8.md)")  # fmt: skip
+    b.add_argument("--adaround", choices=["on", "off"], help="learned rounding of the int8 weights (off by default; "
+                   "docs/int8.md)")  # fmt: skip
     b.add_argument("--qat", choices=["auto", "on", "off"], help="quantization-aware training (auto: when int8 "
                    "misses a threshold and --train is given)")  # fmt: skip
     b.add_argument("--mixed-precision", action="store_true",

@@ -195,8 +195,7 @@ def test_engine_and_tensorrt_runtime_say_what_is_missing(fp32_onnx, tmp_path, ca
 def test_tensorrt_target_build_reports_the_qdq_check(tmp_path, small_recipe):
     from deploy import build
 
-    r = recipes.override(small_recipe, {"quantize.enabled": True, "quantize.target": "tensorrt",
-                                        "quantize.adaround.enabled": False})  # fmt: skip
+    r = recipes.override(small_recipe, {"quantize.enabled": True, "quantize.target": "tensorrt"})
     report = build(r, out=tmp_path / "out").report
     c = report["qdq_check"]
     assert c["passed"] and c["errors"] == [] and c["quantize_linear"] > 50

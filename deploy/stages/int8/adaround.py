@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ...console import track
 from ...core.context import Build
 from ...errors import DeployError
 from ...recipe import AdaRoundConfig
+from ...train import torch_threads
 from .bias_correction import DQ, _Stepper
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper, section 4)
@@ -38,7 +38,9 @@ BETA = (20.0, 2.0)  # regularizer exponent annealed from/to, after a warm start 
 WARM_START = 0.2
 LR = 1e-2  # Adam on V, as AIMET and BRECQ
 MIN_IMAGES = 8  # fewer and the stage is skipped: the held-out check needs images the optimization does not see
-ONE_THREAD_MACS = 20_000_000  # a step's product with A below this runs on one thread (_threads)
+# a step's product with A below this runs on one thread: with two, a small layer's steps of a few microseconds of
+# work cost up to 70x more when another process shares the cores (21 ms vs 0.3 ms a step for an 8x16 layer)
+ONE_THREAD_MACS = 20_000_000
 HOLD_OUT = 0.125  # of the images: each layer keeps nearest rounding where the learned one does worse on them
 
 
@@ -113,19 +115,6 @@ class _Adam:
         self.s.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
         denom = (self.s / (1 - self.b2**self.t)).sqrt_().add_(self.eps)
         self.v.addcdiv_(self.m, denom, value=-LR / (1 - self.b1**self.t))
-
-
-@contextmanager
-def _threads(n: int):
-    """torch on `n` threads for a while: a small layer's steps are a few microseconds of work each, and with two
-    threads their synchronization cost up to 70x the one-thread time when another process shares the cores
-    (measured on this machine: 21 ms vs 0.3 ms a step for an 8x16 layer)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:
@@ -212,7 +201,7 @@ def optimize(layer: _Layer, xq: np.ndarray, xf: np.ndarray, cfg: AdaRoundConfig)
     adam = _Adam(v)
     warm = int(WARM_START * cfg.iterations)
     steps = cfg.iterations
-    with _threads(1 if w.numel() * a.shape[-1] < ONE_THREAD_MACS else torch.get_num_threads()):
+    with torch_threads(1 if w.numel() * a.shape[-1] < ONE_THREAD_MACS else torch.get_num_threads()):
         for it in range(cfg.iterations):
             beta = None
             if it >= warm:
@@ -274,8 +263,7 @@ class AdaRound:
     name = "adaround"
 
     def applies(self, b: Build) -> bool:
-        q = b.recipe.quantize
-        return q.enabled and q.adaround.active(q.target)
+        return b.recipe.quantize.enabled and b.recipe.quantize.adaround.enabled
 
     def run(self, b: Build) -> str:
         if len(b.calibration.calib.inputs) < MIN_IMAGES:

@@ -205,8 +205,9 @@ class _Stepper:
         self.done = 0
 
     def run_to(self, tensor: str) -> np.ndarray:
-        """Compute the body up to the node making `tensor` (none for the graph input); returns it for every image."""
-        if tensor not in self.position:
+        """Compute the body up to the node making `tensor` (none for the graph input or a tensor made by an earlier
+        call, e.g. a ShuffleNet branch's input); returns it for every image."""
+        if tensor not in self.position or self.position[tensor] < self.done:
             return self.live[tensor]
         end = self.position[tensor]
         nodes = self.body[self.done : end + 1]

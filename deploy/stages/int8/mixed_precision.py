@@ -137,7 +137,7 @@ class MixedPrecision:
             b.warn(str(err))
             return "failed"
         q = b.recipe.quantize
-        if q.bias_correction or q.adaround.active(q.target):
+        if q.bias_correction or q.adaround.enabled:
             record["note"] = "re-quantized from the calibration ranges without AdaRound or bias correction"
         b.report["mixed_precision"] = record
         b.int8_changed()

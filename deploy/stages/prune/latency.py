@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +32,7 @@ from ... import macs
 from ...console import info
 from ...errors import DeployError
 from ...recipe import PruneConfig
+from ...train import torch_threads
 from .groups import adapt_bn, importance, protected_layers, traceable_shuffle, widths
 from .timing import LocalTimer
 
@@ -42,18 +42,6 @@ PROXY_PIXELS, MIN_PROXY_IMAGES = 128 * 64 * 64, 32
 ROUNDS, MIN_RUNS, SESSIONS = 10, 10, 2  # timing: rounds x runs per model, interleaved; sessions per model
 ROUND_MS = 20.0  # at least this long per model and round: 31 runs a round for mobilenet_v3_small at 64 px
 MAX_STEPS = 200
-
-
-@contextmanager
-def _torch_threads(n: int):
-    """Torch on `n` threads for the search. On this 2-core machine shared with other jobs, one forward pass of
-    64 images took 2.3 s on 2 OpenMP threads and 0.03 s on 1, and idle OpenMP workers spin into ORT's timing."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class MacsCost:
@@ -237,7 +225,9 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
     model (BatchNorm re-estimated on `data`), the search, and the unpruned and final costs."""
     if data is None or len(data) == 0:
         raise DeployError(f"prune ({what}) needs calibration images (its accuracy proxy runs on them)")
-    with _torch_threads(1):
+    # one forward pass of 64 images took 2.3 s on 2 OpenMP threads and 0.03 s on 1 on this 2-core machine shared
+    # with other jobs, and idle OpenMP workers spin into ORT's timing
+    with torch_threads(1):
         try:
             search = LatencySearch(model, cfg, input_size, data, cost)
         except BaseException:

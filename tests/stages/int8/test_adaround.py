@@ -74,6 +74,21 @@ def test_the_hand_written_gradient_is_autograds(beta):
     assert torch.allclose(grad, v.grad, atol=1e-12) and free.any() and not free.all()
 
 
+def test_the_stepper_returns_a_tensor_an_earlier_call_made():
+    """A layer's input computed on the way to an earlier layer's (ShuffleNet's branches): returned as it is."""
+    from deploy.stages.int8.bias_correction import _Stepper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["r"], ["n"]),
+         helper.make_node("Add", ["n", "r"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])])  # fmt: skip
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    stepper = _Stepper(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), x)
+    assert np.array_equal(stepper.run_to("n"), -np.maximum(x, 0))
+    assert np.array_equal(stepper.run_to("r"), np.maximum(x, 0))
+
+
 def _correlated(rng: np.random.Generator, mix: np.ndarray, n: int) -> np.ndarray:
     """Inputs whose channels mix 3 latent ones, as activations do (on white inputs nearest rounding is optimal)."""
     z = rng.normal(size=(n, mix.shape[1], 9, 9))
