@@ -66,27 +66,23 @@ def layers(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[list[_Layer]
     users = Counter(i for n in qmodel.graph.node for i in n.input)
     f_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
     f_nodes = {n.name: n for n in fp32.graph.node if n.op_type in ("Conv", "Gemm") and n.name}
-    out, skipped = [], {}
-
-    def skip(reason: str) -> None:
-        skipped[reason] = skipped.get(reason, 0) + 1
-
+    out, skipped = [], Counter()
     for node in qmodel.graph.node:
         if node.op_type not in ("Conv", "Gemm"):
             continue
         dq = producer.get(node.input[1])
         if dq is None or dq.op_type != DQ or dq.input[0] not in inits or users.get(dq.input[0]) != 1:
-            skip("weights not quantized (or shared)")
+            skipped["weights not quantized (or shared)"] += 1
             continue
         q = numpy_helper.to_array(inits[dq.input[0]])
         ref = f_nodes.get(node.name)
         a = _attrs(node)
         if q.dtype != np.int8 or ref is None or ref.input[1] not in f_inits:
-            skip("no int8 weights or no fp32 counterpart")
+            skipped["no int8 weights or no fp32 counterpart"] += 1
             continue
         gemm_ok = node.op_type != "Gemm" or (a.get("transB") and not a.get("transA") and a.get("alpha", 1.0) == 1.0)
         if a.get("auto_pad", b"NOTSET") != b"NOTSET" or not gemm_ok:
-            skip("unsupported attributes")
+            skipped["unsupported attributes"] += 1
             continue
         axis = _attrs(dq).get("axis", 1)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
@@ -95,10 +91,10 @@ def layers(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[list[_Layer]
         weight = f_inits[ref.input[1]].astype(np.float32)
         # a weight rewritten after quantization (the h-sigmoid folded into the SE conv) is no longer the fp32 one
         if weight.shape != q.shape or np.abs(np.rint(weight / scale) - q).max() > 1:
-            skip("weights differ from the fp32 model")
+            skipped["weights differ from the fp32 model"] += 1
             continue
         out.append(_Layer(node, inits[dq.input[0]], scale, weight, ref.input[0]))
-    return out, skipped
+    return out, dict(skipped)
 
 
 class _Adam:
@@ -193,7 +189,9 @@ def optimize(layer: _Layer, xq: np.ndarray, xf: np.ndarray, cfg: AdaRoundConfig)
     # weights as (groups, outputs per group, inputs per group)
     w = torch.from_numpy(layer.weight).reshape(group, shape[0] // group, -1)
     scale = torch.from_numpy(np.broadcast_to(layer.scale, shape).copy()).reshape(w.shape)
-    base, rest = torch.floor(w / scale), w / scale - torch.floor(w / scale)
+    ratio = w / scale
+    base = torch.floor(ratio)
+    rest = ratio - base
     held = max(1, int(len(xq) * HOLD_OUT))
     a, bw, _ = _moments(layer, xq[:-held], xf[:-held], w)
     a, bw = a.float(), bw.float()
@@ -213,7 +211,7 @@ def optimize(layer: _Layer, xq: np.ndarray, xf: np.ndarray, cfg: AdaRoundConfig)
                 break
             adam.step(grad)
     hard = (_h(v) >= 0.5).float()
-    nearest = torch.round(w / scale) - base
+    nearest = torch.round(ratio) - base
     a, bw, c = _moments(layer, xq[-held:], xf[-held:], w)
     err = [float(_error((scale * torch.clamp(base + r, -127, 127)).double(), a, bw, c)) for r in (nearest, hard)]
     q = torch.clamp(base + hard, -127, 127).reshape(shape).to(torch.int8).numpy()
