@@ -9,6 +9,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..deployment import NEAR
+
 
 def environment(threads: int) -> dict:
     versions = {}
@@ -101,7 +103,8 @@ def markdown(r: dict, plot: str | None) -> str:
         lines.append("")
     if r.get("recommended"):
         rec = r["recommended"]
-        lines += [f"**Deploy `{rec['model']}`** ({rec['precision']}): {rec['reason']}.", ""]
+        on = f" on {rec['threads']} thread{'s' * (rec['threads'] > 1)}" if rec.get("threads") else ""
+        lines += [f"**Deploy `{rec['model']}`** ({rec['precision']}{on}): {rec['reason']}.", ""]
 
     acc = r.get("accuracy") or {}
     if acc:
@@ -141,6 +144,7 @@ def markdown(r: dict, plot: str | None) -> str:
             lines += ["", f"![latency]({plot})"]
         lines.append("")
 
+    lines += _deployment_section(r.get("deployment"))
     lines += _tensorrt_sections(r)
     lines += _device_sections(r)
     lines += _int8_steps(r)
@@ -169,6 +173,23 @@ def markdown(r: dict, plot: str | None) -> str:
               + " · ".join(f"{k} {v}" for k, v in pk.items() if v), "",
               "Files: " + ", ".join(f"`{f}`" for f in r["files"]), ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _deployment_section(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    counts = sorted({g["threads"] for g in d["grid"]})
+    lines = ["## Deployment on this CPU", "", "| precision | " + " | ".join(
+        f"{t} thread{'s' * (t > 1)}: batch-1 ms · img/s @{d['batch']}" for t in counts) + " | start-up s |",
+        "|---|" + "---|" * (len(counts) + 1)]  # fmt: skip
+    for p in d["startup_s"]:
+        cells = {g["threads"]: f"{g['batch1_ms']:.3f} · {g['throughput_ips']:.1f}" for g in d["grid"] if g["precision"] == p}
+        lines.append(f"| {p} | " + " | ".join(cells[t] for t in counts) + f" | {d['startup_s'][p]:.3f} |")
+    lo, hi = d["latency"], d["throughput"]
+    lines += ["", f"Lowest latency: **{lo['precision']} on {lo['threads']} threads** ({lo['batch1_ms']:.3f} ms); "
+              f"highest throughput: **{hi['precision']} on {hi['threads']} threads** ({hi['throughput_ips']:.1f} img/s "
+              f"at batch {d['batch']}). Fewer threads win within {NEAR:.0%}. Timed in {d['timed']}.", ""]  # fmt: skip
+    return lines
 
 
 def _tensorrt_sections(r: dict) -> list[str]:

@@ -35,7 +35,12 @@ def exact_int8_kernels() -> bool:
 class OrtCpu(Runtime):
     """ORT's CPU execution provider. `reference=True` turns graph optimizations off, so Q/DQ nodes are
     evaluated one by one in float: the exact arithmetic of the QDQ model (what TensorRT and VNNI CPUs
-    compute), at the cost of speed; use it for accuracy, never for latency."""
+    compute), at the cost of speed; use it for accuracy, never for latency.
+
+    Its threads stop spinning when a run returns (ORT's session.force_spinning_stop): otherwise an idle session's
+    workers spin on the cores for a while after each run, which on a 2-core machine made sessions timed in
+    alternating rounds at 2 threads 2x slower at the median (docs/int8.md); a single session measured the same
+    either way."""
 
     def __init__(self, model: Path | bytes, threads: int | None = None, reference: bool = False):
         import onnxruntime as ort
@@ -49,6 +54,7 @@ class OrtCpu(Runtime):
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         )
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -56,7 +56,14 @@ class Predictor:
         self.pre = self.spec.preprocess
         self.classes = self.spec.classes
         self.model_file = pick_model(folder) if artifact.is_dir() else artifact
-        self.runtime = _runtime(self.model_file, threads)
+        self.runtime = _runtime(self.model_file, threads or self._measured_threads())
+
+    def _measured_threads(self) -> int | None:
+        """The build's fastest thread count for the model it recommends, on a machine with as many cores."""
+        from ..runtimes.ort import default_threads
+
+        same = self.model_file.name == self.spec.model and self.spec.cores == default_threads()
+        return self.spec.threads if same else None
 
     def decode(self, payload: bytes, what: str = "image") -> np.ndarray:
         """Preprocessed CHW float32 from encoded image bytes; a one-line DeployError when unreadable or over the

@@ -4,7 +4,9 @@
      "input": {"name": "input", "dtype": "float32", "shape": ["batch", 3, 224, 224]},
      "output": {"name": "logits", "dtype": "float32", "shape": ["batch", 1000]},
      "max_batch": 32, "preprocess": {"resize": 256, "input_size": 224, "interpolation": "bilinear",
-     "mean": [...], "std": [...]}, "classes": ["tench", ...]}
+     "mean": [...], "std": [...]}, "classes": ["tench", ...], "threads": 2, "cores": 2}
+
+"threads" (optional): the ORT CPU thread count the build measured fastest for the model, on a machine with "cores".
 
 Folders built before serving.json existed are read from report.json (its recipe and recommendation) and the model.
 """
@@ -51,6 +53,8 @@ class Spec:
     max_batch: int  # the largest batch the build declares (recipe tensorrt.batch.max)
     preprocess: Preprocess
     classes: list[str]
+    threads: int | None = None  # the build's fastest ORT CPU thread count, on a machine with `cores` cores
+    cores: int | None = None
 
 
 def model_io(model: Path) -> tuple[Tensor, Tensor]:
@@ -94,7 +98,7 @@ def load(folder: Path) -> Spec:
                 raise DeployError(f"{path}: schema {d.get('schema')!r}, expected {SCHEMA}: rebuild with `deploy build`")
             spec = Spec(str(d["name"]), str(d["model"]), str(d["precision"]), Tensor(**d["input"]),
                         Tensor(**d["output"]), int(d["max_batch"]), Preprocess.from_dict(d["preprocess"], str(path)),
-                        [str(c) for c in d["classes"]])  # fmt: skip
+                        [str(c) for c in d["classes"]], _count(d.get("threads")), _count(d.get("cores")))  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DeployError(f"{path}: malformed serving description ({type(err).__name__}: {err})") from None
     elif (folder / "report.json").is_file():
@@ -135,6 +139,14 @@ def _from_report(report: Path) -> Spec:
     pre = Preprocess.from_dict(recipe.get("preprocess") or {}, str(report))
     name = str(recipe["model"].get("name", report.parent.name))
     return Spec(name, rec["model"], rec["precision"], inp, out, int(batch.get("max", 32)), pre, classes)
+
+
+def _count(value) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        raise ValueError(f"a thread or core count must be a positive integer, got {value!r}")
+    return value
 
 
 def _read(path: Path) -> dict:

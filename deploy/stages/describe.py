@@ -7,6 +7,7 @@ import json
 
 from .. import data
 from ..core.context import Build
+from ..runtimes.ort import default_threads
 from ..serving.spec import SCHEMA, SPEC_FILE, model_io
 
 
@@ -24,6 +25,14 @@ class Describe:
         classes = named or data.class_names(r.model.num_classes)
         spec = {"schema": SCHEMA, "name": r.model.name, "model": rec["model"], "precision": rec["precision"],
                 "input": inp.to_dict(), "output": out.to_dict(), "max_batch": r.tensorrt.batch.max,
-                "preprocess": r.preprocess.model_dump(mode="json"), "classes": classes}  # fmt: skip
+                "preprocess": r.preprocess.model_dump(mode="json"), "classes": classes,
+                **_threads(b.report)}  # fmt: skip
         (b.workdir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         return f"{SPEC_FILE}: {rec['model']}, input {inp.name} {inp.shape}, {len(classes)} classes"
+
+
+def _threads(report: dict) -> dict:
+    """The thread count the build measured fastest for the served model, and the cores it had (serving uses it on a
+    machine with as many; elsewhere all cores)."""
+    dep = report.get("deployment")
+    return {"threads": dep["latency"]["threads"], "cores": default_threads()} if dep else {}

@@ -4,12 +4,11 @@ and the model the build recommends."""
 
 from __future__ import annotations
 
-from .. import metrics
+from .. import deployment, metrics
 from ..console import info
 from ..core.context import Build
 from ..core.report import environment
-from ..runtimes.base import interleaved_best_ms
-from ..runtimes.ort import OrtCpu, exact_int8_kernels
+from ..runtimes.ort import OrtCpu, default_threads, exact_int8_kernels
 from . import summary
 
 
@@ -57,22 +56,41 @@ def _accuracy_and_latency(b: Build) -> None:
     for name, rt in runtimes:
         info(f"  measuring {name} latency ({v.latency.runs} runs)")
         lat[name] = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
+    dep = None
+    if target == "ort-cpu" or not b.int8_onnx:  # the build deploys on ORT CPU: which precision, how many threads
+        models = {"fp32": b.fp32_onnx, **({"int8": b.int8_onnx} if b.int8_onnx else {})}
+        b.report["deployment"] = dep = _deployment(b, models, missed)
     if b.int8_onnx:
         lat["int8_speedup"] = lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
         lat["int8_throughput_speedup"] = lat["int8"]["throughput_ips"] / lat["fp32"]["throughput_ips"]
         if target == "tensorrt":
             lat["note"] = "the tensorrt-target model on ORT CPU; TensorRT latency comes from the engine on the GPU"
-        if target == "ort-cpu":  # the recommendation's speed figure: both timed in alternating rounds
-            fp32_ms, int8_ms = interleaved_best_ms([fp32, runtimes[1][1]], shape, batch=1)
-            lat["int8_speedup_interleaved"] = fp32_ms / int8_ms
-        b.report["recommended"] = recommend(target, missed, lat)
-        if b.report["recommended"]["precision"] == "fp32":
-            b.warn(f"deploy the fp32 model: {b.report['recommended']['reason']}")
+        if dep:  # the recommendation's speed figure: each precision at its fastest thread count
+            lat["int8_speedup_interleaved"] = deployment.fastest_ms(dep["grid"], "fp32") / deployment.fastest_ms(
+                dep["grid"], "int8")
+        b.report["recommended"] = rec = recommend(target, missed, lat)
+        if rec["precision"] == "fp32":
+            b.warn(f"deploy the fp32 model: {rec['reason']}")
         elif target == "ort-cpu" and lat["int8_throughput_speedup"] < 1:
             b.warn(f"int8 is faster at batch 1 but slower at batch {v.latency.batch} "
                    f"({lat['int8_throughput_speedup']:.2f}x throughput) on {fp32.name}")  # fmt: skip
+    if dep:
+        precision = b.report["recommended"]["precision"] if b.int8_onnx else "fp32"
+        dep["latency"] = deployment.best(dep["grid"], [precision], "batch1_ms")
+        if b.int8_onnx:
+            b.report["recommended"]["threads"] = dep["latency"]["threads"]
     b.report["latency"] = lat
     b.report["environment"] = {**environment(fp32.threads), "exact_int8_kernels": exact_int8_kernels()}
+
+
+def _deployment(b: Build, models: dict, missed: list[str]) -> dict:
+    """Every precision at every thread count up to verify.latency.threads (all cores); the throughput pick among the
+    precisions within the accuracy thresholds (the latency pick follows the recommendation)."""
+    v, size = b.recipe.verify.latency, b.recipe.preprocess.input_size
+    info(f"  timing {', '.join(models)} at {deployment.thread_counts(b.threads or default_threads())} threads")
+    dep = deployment.measure(models, (3, size, size), v.batch, b.threads or default_threads(), max(1, v.runs // 20))
+    dep["throughput"] = deployment.best(dep["grid"], ["fp32"] if missed else list(models), "throughput_ips")
+    return dep
 
 
 def _on_runtime(b: Build) -> dict:

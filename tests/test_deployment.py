@@ -1,0 +1,74 @@
+"""The deployment a build recommends on ORT CPU: (precision, threads) for latency and throughput, start-up time, and
+the thread count serving takes from serving.json."""
+
+import json
+
+import pytest
+
+from deploy import build
+from deploy import recipe as recipes
+from deploy.deployment import best, thread_counts
+from deploy.runtimes.ort import default_threads
+from deploy.serving.predictor import Predictor
+
+
+def test_thread_counts_are_powers_of_two_up_to_the_cores():
+    assert thread_counts(1) == [1]
+    assert thread_counts(2) == [1, 2]
+    assert thread_counts(6) == [1, 2, 4, 6]
+    assert thread_counts(8) == [1, 2, 4, 8]
+
+
+def _row(precision, threads, ms, ips):
+    return {"precision": precision, "threads": threads, "batch1_ms": ms, "throughput_ips": ips}
+
+
+def test_best_prefers_fewer_threads_within_five_percent_and_keeps_to_the_allowed_precisions():
+    grid = [_row("fp32", 1, 10.0, 100), _row("fp32", 2, 6.0, 190), _row("int8", 1, 5.1, 200),
+            _row("int8", 2, 5.0, 400), _row("int8", 4, 4.9, 390)]  # fmt: skip
+    assert best(grid, ["fp32", "int8"], "batch1_ms") == grid[2]  # 5.1 is within 5% of 4.9: one thread
+    assert best(grid, ["fp32", "int8"], "throughput_ips") == grid[3]  # 390 is within 5% of 400: 2 threads < 4
+    assert best(grid, ["fp32"], "batch1_ms") == grid[1]  # 10.0 is not within 5% of 6.0
+    assert best(grid, ["fp32"], "throughput_ips") == grid[1]
+
+
+def test_build_times_each_precision_at_each_thread_count_and_serving_uses_the_fastest(tmp_path, small_recipe):
+    r = recipes.override(small_recipe, {"quantize.enabled": True, "verify.max_top1_drop": None,
+                                        "verify.latency.runs": 20})  # fmt: skip
+    out = tmp_path / "out"
+    report = build(r, out=out).report
+    dep, rec = report["deployment"], report["recommended"]
+    counts = thread_counts(default_threads())
+    assert sorted((g["precision"], g["threads"]) for g in dep["grid"]) == sorted(
+        (p, t) for p in ("fp32", "int8") for t in counts)
+    assert all(g["batch1_ms"] > 0 and g["throughput_ips"] > 0 for g in dep["grid"])
+    assert set(dep["startup_s"]) == {"fp32", "int8"} and all(0 < s < 60 for s in dep["startup_s"].values())
+    # the latency pick is the recommended precision at its fastest thread count (fewer threads within 5%)
+    assert dep["latency"]["precision"] == rec["precision"] and rec["threads"] == dep["latency"]["threads"]
+    mine = [g for g in dep["grid"] if g["precision"] == rec["precision"]]
+    assert dep["latency"]["batch1_ms"] <= 1.05 * min(g["batch1_ms"] for g in mine)
+    assert dep["throughput"]["throughput_ips"] >= 0.95 * max(g["throughput_ips"] for g in dep["grid"])
+    fp32_best = min(g["batch1_ms"] for g in dep["grid"] if g["precision"] == "fp32")
+    int8_best = min(g["batch1_ms"] for g in dep["grid"] if g["precision"] == "int8")
+    assert report["latency"]["int8_speedup_interleaved"] == pytest.approx(fp32_best / int8_best)
+    md = (out / "report.md").read_text()
+    assert "## Deployment on this CPU" in md and f"on {rec['threads']} thread" in md and "start-up s" in md
+
+    spec = json.loads((out / "serving.json").read_text())
+    assert spec["threads"] == rec["threads"] and spec["cores"] == default_threads()
+    assert Predictor(out).runtime.threads == rec["threads"]
+    assert Predictor(out, threads=3).runtime.threads == 3  # an explicit count wins
+    spec["cores"] = default_threads() + 1  # measured on another machine: all cores here
+    (out / "serving.json").write_text(json.dumps(spec))
+    assert Predictor(out).runtime.threads == default_threads()
+    spec["threads"] = 0
+    (out / "serving.json").write_text(json.dumps(spec))
+    with pytest.raises(Exception, match="malformed serving description"):
+        Predictor(out)
+
+
+def test_an_fp32_build_times_fp32_at_each_thread_count(tmp_path, small_recipe):
+    report = build(recipes.override(small_recipe, {"verify.max_top1_drop": None}), out=tmp_path / "out").report
+    dep = report["deployment"]
+    assert {g["precision"] for g in dep["grid"]} == {"fp32"} and dep["latency"]["precision"] == "fp32"
+    assert "recommended" not in report or report["recommended"]["precision"] == "fp32"
