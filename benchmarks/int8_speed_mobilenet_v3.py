@@ -33,7 +33,8 @@ import numpy as np
 import onnx
 import torch
 
-from deploy import data, models, qdq_check, recipe
+from deploy import data, models, recipe
+from deploy.runtimes.tensorrt import qdq_check
 from deploy.runtimes.base import interleaved_times
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
 from deploy import metrics
