@@ -415,6 +415,12 @@ class PruneConfig(_Strict):
     latency_step: float = Field(
         0.25, gt=0, lt=1, description="Mode latency: fraction of a group's channels one step removes."
     )
+    latency_table: str | None = Field(
+        "~/.cache/edge-deploy/latency-table.json",
+        description="Mode latency, timed here: NetAdapt's per-layer latency look-up table, shared across runs (keyed "
+        "by runtime and CPU); candidates are predicted from it and each step confirmed by timing the model whole. "
+        "None = time every candidate whole.",
+    )
     latency_on: DeviceConfig | None = Field(
         None, description="Mode latency: time the candidates on this device over SSH (each step's in one round "
         "trip); None = on this machine."

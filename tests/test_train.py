@@ -126,7 +126,7 @@ def test_build_with_latency_aware_pruning_reports_the_chosen_widths(tmp_path, sm
     data = small_recipe.model_dump(mode="json")
     data["verify"]["max_top1_drop"] = None
     # fewer groups to time keeps the test short; half of a group per step saves time well above the noise
-    data["prune"].update(protect=["features.[1-7].*"], latency_step=0.5)
+    data["prune"].update(protect=["features.[1-7].*"], latency_step=0.5, latency_table=str(tmp_path / "table.json"))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"

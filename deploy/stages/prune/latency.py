@@ -2,13 +2,15 @@
 of this machine or of a device over SSH (prune.latency_on: deploy/remote/latency.py).
 
 Each step proposes one candidate per Torch-Pruning dependency group: the group's least important `latency_step`
-of channels removed (kept width a multiple of round_to). Every candidate is exported and timed on ONNX Runtime,
-and its accuracy cost is estimated without labels: the KL divergence of its predictions from the unpruned
-model's on the calibration images, after re-estimating BatchNorm statistics (adapt_bn: the cheap stand-in for
-NetAdapt's short fine-tune, as in EagleEye). The step keeps the candidate with the least KL increase per ms
-saved; steps repeat until the measured latency is within `latency_budget` of the unpruned model's.
+of channels removed (kept width a multiple of round_to). Each candidate's latency is predicted from NetAdapt's
+per-layer look-up table (table.py: each layer configuration timed once, kept across runs) and every step is
+confirmed by timing the unpruned and the pruned model whole; with prune.latency_table None, or on a device, every
+candidate is exported and timed whole on ONNX Runtime instead. Its accuracy cost is estimated without labels: the
+KL divergence of its predictions from the unpruned model's on the calibration images, after re-estimating BatchNorm
+statistics (adapt_bn: the cheap stand-in for NetAdapt's short fine-tune, as in EagleEye). The step keeps the candidate with the least KL increase per ms
+saved; steps repeat until the latency (predicted and measured) is within `latency_budget` of the unpruned model's.
 
-Timing on a shared machine: batch 1 on one ORT thread; the unpruned, current and candidate models run in
+Whole-model timing on a shared machine: batch 1 on one ORT thread; the unpruned, current and candidate models run in
 alternating rounds (`interleaved_best_ms`) so load from other processes hits all of them alike, and each model
 is the fastest of its runs; a round lasts at least ROUND_MS per model, so a brief disturbance cannot cover all
 of a small model's rounds. Two ORT sessions of the same model differ by up to ~1.5% (measured here:
@@ -23,6 +25,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +37,7 @@ from ...errors import DeployError
 from ...recipe import PruneConfig
 from ...train import torch_threads
 from .groups import adapt_bn, importance, protected_layers, traceable_shuffle, widths
+from .table import TableCost
 from .timing import LocalTimer
 
 # The accuracy proxy (BN re-estimation and KL) runs on calibration images worth this many pixels, per candidate
@@ -227,6 +231,7 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
         raise DeployError(f"prune ({what}) needs calibration images (its accuracy proxy runs on them)")
     # one forward pass of 64 images took 2.3 s on 2 OpenMP threads and 0.03 s on 1 on this 2-core machine shared
     # with other jobs, and idle OpenMP workers spin into ORT's timing
+    confirm = hasattr(cost, "confirm")
     with torch_threads(1):
         try:
             search = LatencySearch(model, cfg, input_size, data, cost)
@@ -236,12 +241,18 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
         try:
             while True:
                 base, now = search.latency()
+                # the table's prediction, confirmed by timing the unpruned and the current model whole
+                measured = cost.confirm(search.base_sessions, search.sessions, search.runs) if confirm else None
                 if search.steps:
                     last = search.steps[-1]
                     last[f"{cost.unit}_ratio"] = round(now / base, 4)  # measured after the step
+                    if measured:
+                        last["latency_ratio"] = round(measured[1] / measured[0], 4)
+                        last["predicted_ratio"] = round(now / base, 4)
                     info(f"  prune step {len(search.steps)}: {last['group']} {last['channels'][0]} -> "
-                         f"{last['channels'][1]}, {what} {now / base:.3f} of unpruned (target {budget:.3f})")
-                if now <= budget * base:
+                         f"{last['channels'][1]}, {what} {last[f'{cost.unit}_ratio']:.3f} of unpruned "
+                         f"(target {budget:.3f})" + (f", predicted {now / base:.3f}" if measured else ""))  # fmt: skip
+                if now <= budget * base and (not measured or measured[1] <= budget * measured[0]):
                     break
                 if len(search.steps) >= MAX_STEPS or search.step() is None:
                     raise DeployError(f"prune: {what} budget {budget:g} not reached: {now / base:.2f} of the unpruned "
@@ -252,7 +263,10 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
         pruned = search.model.to(memory_format=torch.contiguous_format)
         adapt_bn(pruned, (data[i : i + 64] for i in range(0, len(data), 64)))
         pruned.eval()
-    return pruned, search, base, now
+    predicted = (base, now)
+    if measured:
+        base, now = measured
+    return pruned, search, base, now, predicted
 
 
 def _record(model: nn.Module, pruned: nn.Module, cfg: PruneConfig, input_size: int, search, data) -> dict:
@@ -276,25 +290,36 @@ def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> 
 
         info(f"  timing the candidates on {cfg.latency_on.url}")
         timer = RemoteTimer(cfg.latency_on, input_size, SESSIONS)
+    elif cfg.latency_table is not None:
+        timer = TableCost(input_size, Path(cfg.latency_table).expanduser(), SESSIONS)
     else:
         timer = LocalTimer(input_size, SESSIONS)
-    pruned, search, base_ms, ms = _search(model, cfg, input_size, data, timer, cfg.latency_budget, "latency")
+    pruned, search, base_ms, ms, predicted = _search(model, cfg, input_size, data, timer, cfg.latency_budget, "latency")
     record = {"mode": "latency", "latency_budget": cfg.latency_budget, "latency_step": cfg.latency_step,
         "latency_before_ms": round(base_ms, 4), "latency_after_ms": round(ms, 4),
         "latency_ratio": round(ms / base_ms, 4),
         "latency_measured": f"{timer.name}: batch 1, 1 thread, fastest of {ROUNDS} rounds x {search.runs} runs "
                             f"interleaved, mean of {SESSIONS} sessions",
         **({"device": getattr(timer, "environment", None)} if cfg.latency_on else {}),
+        **({"table": _table_record(timer, predicted, ms)} if isinstance(timer, TableCost) else {}),
         **_record(model, pruned, cfg, input_size, search, data), "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     return pruned, record
+
+
+def _table_record(cost: TableCost, predicted: tuple[float, float], measured_ms: float) -> dict:
+    """The look-up table's figures: its file, layers, and its prediction of the final latency against the measured."""
+    t = cost.table
+    return {"path": str(t.path), "runtime": t.key, "layers": len(t.ms), "timed_this_run": t.timed,
+            "scale": round(cost.scale, 4), "predicted_after_ms": round(predicted[1], 4),
+            "prediction_error": round(predicted[1] / measured_ms - 1, 4)}  # fmt: skip
 
 
 def prune_macs_kl(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:
     """Remove cfg.ratio of the MACs the way the latency search removes time (prune.scope kl): each step prunes
     the group whose candidate costs least KL to the unpruned model per MAC saved, across all groups."""
     start = time.perf_counter()
-    pruned, search, _, _ = _search(model, cfg, input_size, data, MacsCost(input_size), 1 - cfg.ratio, "MACs")
+    pruned, search, *_ = _search(model, cfg, input_size, data, MacsCost(input_size), 1 - cfg.ratio, "MACs")
     record = {"mode": "ratio", "scope": "kl", "by": "macs", "ratio": cfg.ratio, "latency_step": cfg.latency_step,
               **_record(model, pruned, cfg, input_size, search, data),
               "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip

@@ -24,11 +24,20 @@ def _images(n=64):
     return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).numpy()
 
 
-def test_budget_is_reached_as_measured_and_the_result_runs_exports_and_reloads(tmp_path):
+@pytest.mark.parametrize("table", [True, False], ids=["look-up table", "whole models"])
+def test_budget_is_reached_as_measured_and_the_result_runs_exports_and_reloads(tmp_path, table):
     model = _model()
     # blocks 1-9 protected to keep the test short: the first step times every remaining group (an ONNX export each)
-    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, latency_step=0.25, protect=["features.[1-9].*"])
+    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, latency_step=0.25, protect=["features.[1-9].*"],
+                      latency_table=str(tmp_path / "table.json") if table else None)  # fmt: skip
     pruned, rec = prune(model, cfg, SIZE, _images())
+    if table:  # predicted from the table, each step confirmed by timing the model whole
+        t = rec["table"]
+        assert t["timed_this_run"] == t["layers"] > 0 and (tmp_path / "table.json").is_file() and t["scale"] > 0
+        assert all(0 < s["predicted_ratio"] < 1 for s in rec["steps"])
+        assert t["prediction_error"] == pytest.approx(t["predicted_after_ms"] / rec["latency_after_ms"] - 1, abs=1e-3)
+    else:
+        assert "table" not in rec and "predicted_ratio" not in rec["steps"][0]
     assert rec["mode"] == "latency" and rec["latency_budget"] == 0.9
     assert rec["latency_after_ms"] <= 0.9 * rec["latency_before_ms"]
     assert rec["latency_ratio"] == pytest.approx(rec["latency_after_ms"] / rec["latency_before_ms"], abs=1e-3)
@@ -56,7 +65,7 @@ def test_an_unreachable_budget_fails_with_the_latency_reached():
     model = _model()
     keep = "features.11.block.2.fc1"  # one squeeze-excite layer left prunable: it cannot save 90% of the latency
     protect = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != keep]
-    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.1, protect=protect)
+    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.1, protect=protect, latency_table=None)
     with pytest.raises(DeployError, match=r"latency budget 0.1 not reached: [01]\.\d\d of the unpruned latency"):
         prune(model, cfg, SIZE, _images(16))
 
