@@ -59,7 +59,8 @@ def best(grid: list[dict], precisions: list[str], key: str) -> dict:
     rows = [g for g in grid if g["precision"] in precisions]
     sign = 1 if key == "batch1_ms" else -1
     top = min(rows, key=lambda g: sign * g[key])
-    near = [g for g in rows if g["precision"] == top["precision"] and sign * g[key] <= sign * top[key] * (1 + sign * NEAR)]
+    near = [g for g in rows
+            if g["precision"] == top["precision"] and sign * g[key] <= sign * top[key] * (1 + sign * NEAR)]  # fmt: skip
     return min(near, key=lambda g: g["threads"])
 
 

@@ -183,7 +183,8 @@ def _deployment_section(d: dict | None) -> list[str]:
         f"{t} thread{'s' * (t > 1)}: batch-1 ms · img/s @{d['batch']}" for t in counts) + " | start-up s |",
         "|---|" + "---|" * (len(counts) + 1)]  # fmt: skip
     for p in d["startup_s"]:
-        cells = {g["threads"]: f"{g['batch1_ms']:.3f} · {g['throughput_ips']:.1f}" for g in d["grid"] if g["precision"] == p}
+        cells = {g["threads"]: f"{g['batch1_ms']:.3f} · {g['throughput_ips']:.1f}"
+                 for g in d["grid"] if g["precision"] == p}  # fmt: skip
         lines.append(f"| {p} | " + " | ".join(cells[t] for t in counts) + f" | {d['startup_s'][p]:.3f} |")
     lo, hi = d["latency"], d["throughput"]
     lines += ["", f"Lowest latency: **{lo['precision']} on {lo['threads']} threads** ({lo['batch1_ms']:.3f} ms); "

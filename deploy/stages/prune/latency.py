@@ -7,8 +7,9 @@ per-layer look-up table (table.py: each layer configuration timed once, kept acr
 confirmed by timing the unpruned and the pruned model whole; with prune.latency_table None, or on a device, every
 candidate is exported and timed whole on ONNX Runtime instead. Its accuracy cost is estimated without labels: the
 KL divergence of its predictions from the unpruned model's on the calibration images, after re-estimating BatchNorm
-statistics (adapt_bn: the cheap stand-in for NetAdapt's short fine-tune, as in EagleEye). The step keeps the candidate with the least KL increase per ms
-saved; steps repeat until the latency (predicted and measured) is within `latency_budget` of the unpruned model's.
+statistics (adapt_bn: the cheap stand-in for NetAdapt's short fine-tune, as in EagleEye). The step keeps the
+candidate with the least KL increase per ms saved; steps repeat until the latency (predicted and measured) is
+within `latency_budget` of the unpruned model's.
 
 Whole-model timing on a shared machine: batch 1 on one ORT thread; the unpruned, current and candidate models run in
 alternating rounds (`interleaved_best_ms`) so load from other processes hits all of them alike, and each model
@@ -243,19 +244,19 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
                 base, now = search.latency()
                 # the table's prediction, confirmed by timing the unpruned and the current model whole
                 measured = cost.confirm(search.base_sessions, search.sessions, search.runs) if confirm else None
+                ratio = measured[1] / measured[0] if measured else now / base
                 if search.steps:
                     last = search.steps[-1]
-                    last[f"{cost.unit}_ratio"] = round(now / base, 4)  # measured after the step
+                    last[f"{cost.unit}_ratio"] = round(ratio, 4)  # measured after the step
                     if measured:
-                        last["latency_ratio"] = round(measured[1] / measured[0], 4)
                         last["predicted_ratio"] = round(now / base, 4)
                     info(f"  prune step {len(search.steps)}: {last['group']} {last['channels'][0]} -> "
-                         f"{last['channels'][1]}, {what} {last[f'{cost.unit}_ratio']:.3f} of unpruned "
-                         f"(target {budget:.3f})" + (f", predicted {now / base:.3f}" if measured else ""))  # fmt: skip
-                if now <= budget * base and (not measured or measured[1] <= budget * measured[0]):
+                         f"{last['channels'][1]}, {what} {ratio:.3f} of unpruned (target {budget:.3f})"
+                         + (f", predicted {now / base:.3f}" if measured else ""))  # fmt: skip
+                if now <= budget * base and ratio <= budget:
                     break
                 if len(search.steps) >= MAX_STEPS or search.step() is None:
-                    raise DeployError(f"prune: {what} budget {budget:g} not reached: {now / base:.2f} of the unpruned "
+                    raise DeployError(f"prune: {what} budget {budget:g} not reached: {ratio:.2f} of the unpruned "
                                       f"{what} after {len(search.steps)} steps, no group left whose pruning saves "
                                       f"measurable {what}")  # fmt: skip
         finally:
