@@ -86,9 +86,9 @@ def _accuracy_and_latency(b: Build) -> None:
 def _deployment(b: Build, models: dict, missed: list[str]) -> dict:
     """Every precision at every thread count up to verify.latency.threads (all cores); the throughput pick among the
     precisions within the accuracy thresholds (the latency pick follows the recommendation)."""
-    v, size = b.recipe.verify.latency, b.recipe.preprocess.input_size
-    info(f"  timing {', '.join(models)} at {deployment.thread_counts(b.threads or default_threads())} threads")
-    dep = deployment.measure(models, (3, size, size), v.batch, b.threads or default_threads(), max(1, v.runs // 20))
+    v, size, most = b.recipe.verify.latency, b.recipe.preprocess.input_size, b.threads or default_threads()
+    info(f"  timing {', '.join(models)} at {deployment.thread_counts(most)} threads")
+    dep = deployment.measure(models, (3, size, size), v.batch, most, max(1, v.runs // 20))
     dep["throughput"] = deployment.best(dep["grid"], ["fp32"] if missed else list(models), "throughput_ips")
     return dep
 
