@@ -59,18 +59,25 @@ class Runtime(ABC):
         )
 
 
-def interleaved_times(runtimes: list[Runtime], input_shape: tuple[int, ...], batch: int, rounds: int = 10,
+Shape = tuple[int, ...]
+
+
+def interleaved_times(runtimes: list[Runtime], input_shape: Shape | list[Shape], batch: int, rounds: int = 10,
                       runs: int = 10) -> list[np.ndarray]:
-    """Seconds per run of one `batch` on each runtime, measured in alternating rounds.
+    """Seconds per run of one `batch` on each runtime, measured in alternating rounds; `input_shape` (without
+    the batch) is every runtime's, or a list of one per runtime.
 
     For comparing models on a shared machine: load from other processes comes and goes, and alternating
     rounds expose every model to the same conditions."""
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    for rt in runtimes:
+    shapes = input_shape if isinstance(input_shape, list) else [input_shape] * len(runtimes)
+    rng = np.random.default_rng(0)
+    arrays = {s: rng.standard_normal((batch, *s), dtype=np.float32) for s in dict.fromkeys(map(tuple, shapes))}
+    inputs = [arrays[tuple(s)] for s in shapes]
+    for rt, x in zip(runtimes, inputs):
         rt.infer(x)  # warm-up: allocations, kernel selection
     times = [[] for _ in runtimes]
     for _ in range(rounds):
-        for rt, t in zip(runtimes, times):
+        for rt, x, t in zip(runtimes, inputs, times):
             for _ in range(runs):
                 start = time.perf_counter()
                 rt.infer(x)
@@ -78,7 +85,7 @@ def interleaved_times(runtimes: list[Runtime], input_shape: tuple[int, ...], bat
     return [np.array(t) for t in times]
 
 
-def interleaved_best_ms(runtimes: list[Runtime], input_shape: tuple[int, ...], batch: int, rounds: int = 10,
+def interleaved_best_ms(runtimes: list[Runtime], input_shape: Shape | list[Shape], batch: int, rounds: int = 10,
                         runs: int = 10) -> list[float]:
     """The fastest time (ms) of one `batch` on each runtime in `interleaved_times`: the least disturbed run."""
     return [float(t.min()) * 1e3 for t in interleaved_times(runtimes, input_shape, batch, rounds, runs)]

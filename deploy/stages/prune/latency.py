@@ -4,8 +4,8 @@ of this machine or of a device over SSH (prune.latency_on: deploy/remote/latency
 Each step proposes one candidate per Torch-Pruning dependency group: the group's least important `latency_step`
 of channels removed (kept width a multiple of round_to). Each candidate's latency is predicted from NetAdapt's
 per-layer look-up table (table.py: each layer configuration timed once, kept across runs) and every step is
-confirmed by timing the unpruned and the pruned model whole; with prune.latency_table None, or on a device, every
-candidate is exported and timed whole on ONNX Runtime instead. Its accuracy cost is estimated without labels: the
+confirmed by timing the unpruned and the pruned model whole, which also re-anchors the table's predictions; with
+prune.latency_table None, or on a device, every candidate is exported and timed whole on ONNX Runtime instead. Its accuracy cost is estimated without labels: the
 KL divergence of its predictions from the unpruned model's on the calibration images, after re-estimating BatchNorm
 statistics (adapt_bn: the cheap stand-in for NetAdapt's short fine-tune, as in EagleEye). The step keeps the
 candidate with the least KL increase per ms saved; steps repeat until the latency (predicted and measured) is
@@ -302,18 +302,21 @@ def prune_latency(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> 
         "latency_measured": f"{timer.name}: batch 1, 1 thread, fastest of {ROUNDS} rounds x {search.runs} runs "
                             f"interleaved, mean of {SESSIONS} sessions",
         **({"device": getattr(timer, "environment", None)} if cfg.latency_on else {}),
-        **({"table": _table_record(timer, predicted, ms)} if isinstance(timer, TableCost) else {}),
+        **({"table": _table_record(timer, search.sessions, predicted, ms)} if isinstance(timer, TableCost) else {}),
         **_record(model, pruned, cfg, input_size, search, data), "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     return pruned, record
 
 
-def _table_record(cost: TableCost, predicted: tuple[float, float], measured_ms: float) -> dict:
-    """The look-up table's figures: its file, layers, and its prediction of the final latency against the measured."""
-    t = cost.table
+def _table_record(cost: TableCost, final, predicted: tuple[float, float], measured_ms: float) -> dict:
+    """The look-up table's figures: its file, layers, and its predictions of the final latency against the measured:
+    from the step before (what the search used) and from the unpruned model's scale alone."""
+    t, unpruned = cost.table, cost.from_unpruned(final)
     return {"path": str(t.path), "runtime": t.key, "layers": len(t.ms), "timed_this_run": t.timed,
             "scale": round(cost.scale, 4), "predicted_after_ms": round(predicted[1], 4),
-            "prediction_error": round(predicted[1] / measured_ms - 1, 4)}  # fmt: skip
+            "prediction_error": round(predicted[1] / measured_ms - 1, 4),
+            "predicted_from_unpruned_ms": round(unpruned, 4),
+            "prediction_error_from_unpruned": round(unpruned / measured_ms - 1, 4)}  # fmt: skip
 
 
 def prune_macs_kl(model: nn.Module, cfg: PruneConfig, input_size: int, data) -> tuple[nn.Module, dict]:

@@ -1,7 +1,7 @@
 """NetAdapt's latency look-up table (Yang et al. 2018, section 3.2): every convolution and linear layer configuration
 (kind, channels, kernel, stride, padding, groups, input size) timed once on its own as a one-node ONNX model on ORT's
-CPU provider, batch 1, one thread, and a model's latency predicted as the sum over its layers, scaled to the unpruned
-model's measured latency. The table is kept in a JSON file keyed by runtime and CPU, so later runs reuse it.
+CPU provider, batch 1, one thread, and a model's latency predicted as the sum over its layers, scaled to the latest
+whole-model measurement (TableCost). The table is kept in a JSON file keyed by runtime and CPU, so later runs reuse it.
 
 A lone layer's time includes the layout reorders ORT puts around a lone NCHWc convolution, and the model's other
 nodes (activations, adds, pooling) are not in the table: the scale covers both, on average. Alternatives measured
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from ...console import warn
+from ...runtimes.base import interleaved_best_ms
 from ...runtimes.ort import OrtCpu
 
 LAYER_ROUNDS, LAYER_RUNS = 10, 20  # a new layer's figure: fastest of 10 alternating rounds x 20 runs
@@ -87,21 +87,12 @@ def layer_onnx(config: tuple) -> tuple[bytes, tuple[int, ...]]:
 
 def time_layers(configs: list[tuple]) -> list[float]:
     """Batch-1 ms of each layer alone on one ORT thread: its fastest run, the layers timed in alternating rounds."""
-    sessions = []
+    sessions, shapes = [], []
     for c in configs:
         model, shape = layer_onnx(c)
-        rt = OrtCpu(model, threads=1)
-        x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-        rt.infer(x)  # warm-up: allocations, prepacking
-        sessions.append((rt, x))
-    best = [float("inf")] * len(sessions)
-    for _ in range(LAYER_ROUNDS):
-        for i, (rt, x) in enumerate(sessions):
-            for _ in range(LAYER_RUNS):
-                start = time.perf_counter()
-                rt.infer(x)
-                best[i] = min(best[i], time.perf_counter() - start)
-    return [b * 1e3 for b in best]
+        sessions.append(OrtCpu(model, threads=1))
+        shapes.append(shape[1:])
+    return interleaved_best_ms(sessions, shapes, 1, LAYER_ROUNDS, LAYER_RUNS)
 
 
 def runtime_key() -> str:
@@ -166,17 +157,20 @@ class LatencyTable:
 
 
 class _Candidate:
-    """A model the search considers: its table sum, and its sessions once it has been timed whole."""
+    """A model the search considers: its table sum, and its sessions and measured ms once it has been timed whole."""
 
     def __init__(self, model: nn.Module, table_ms: float):
-        self.model, self.table_ms, self.sessions = model, table_ms, None
+        self.model, self.table_ms = model, table_ms
+        self.sessions, self.measured = None, None
 
 
 class TableCost:
-    """The latency search's cost from the look-up table (prune.latency_table): a candidate's latency is predicted,
-    table sum x scale, without exporting it; `confirm` times the unpruned and the current model whole (LocalTimer, in
-    alternating rounds) after each step. The scale, measured / table sum of the unpruned model, is set by the first
-    confirmation."""
+    """The latency search's cost from the look-up table (prune.latency_table): a candidate's latency is predicted
+    without exporting it, `confirm` times the unpruned and the current model whole (LocalTimer, in alternating
+    rounds) after each step. The prediction is the candidate's table sum x the current model's measured / table ms,
+    from the latest confirmation: its error is then one step's. Scaled once from the unpruned model instead, the
+    errors add up over the steps in one direction (the search picks the savings the table overestimates: measured
+    in docs/pruning.md); that prediction is kept for the record (`from_unpruned`)."""
 
     name, unit = "onnxruntime-cpu on this machine (per-layer look-up table)", "latency"
 
@@ -184,13 +178,18 @@ class TableCost:
         from .timing import LocalTimer
 
         self.size, self.table, self.timer = input_size, LatencyTable(path), LocalTimer(input_size, sessions)
-        self.scale: float | None = None  # measured / table ms of the unpruned model
+        self.scale: float | None = None  # measured / table ms of the unpruned model, at the first confirmation
+        self.anchor = 1.0  # measured / table ms of the current model, at the latest confirmation
 
     def load(self, model: nn.Module) -> _Candidate:
         return _Candidate(model, self.table.predict(model, self.size))
 
     def best_ms(self, models: list[_Candidate], rounds: int, runs: int) -> list[list[float]]:
-        return [[m.table_ms * (self.scale or 1.0)] for m in models]
+        return [[m.measured if m.measured is not None else m.table_ms * self.anchor] for m in models]
+
+    def from_unpruned(self, model: _Candidate) -> float:
+        """`model`'s ms predicted from the table scaled by the unpruned model alone."""
+        return model.table_ms * self.scale
 
     def floor(self, current: float, spread: float) -> float:
         return FLOOR * current
@@ -200,10 +199,12 @@ class TableCost:
         for c in (base, current):
             if c.sessions is None:
                 c.sessions = self.timer.load(c.model)
-        measured = [sum(b) / len(b) for b in self.timer.best_ms([base.sessions, current.sessions], ROUNDS, runs)]
+        base.measured, current.measured = (
+            sum(b) / len(b) for b in self.timer.best_ms([base.sessions, current.sessions], ROUNDS, runs))
         if self.scale is None:
-            self.scale = measured[0] / base.table_ms
-        return measured[0], measured[1]
+            self.scale = base.measured / base.table_ms
+        self.anchor = current.measured / current.table_ms
+        return base.measured, current.measured
 
     def close(self) -> None:
         pass

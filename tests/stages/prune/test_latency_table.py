@@ -10,7 +10,7 @@ from torch import nn
 from deploy import models, recipe
 from deploy.recipe import PruneConfig
 from deploy.stages.prune.ratio import prune_ratio
-from deploy.stages.prune.table import LatencyTable, layer_configs, runtime_key
+from deploy.stages.prune.table import LatencyTable, TableCost, layer_configs, runtime_key
 
 SIZE = 64
 
@@ -66,3 +66,16 @@ def test_halving_every_layers_channels_is_predicted_much_faster(tmp_path):
     pruned = prune_ratio(model, PruneConfig(ratio=0.5, by="channels", scope="uniform"), SIZE, None)[0]
     assert table.predict(pruned, SIZE) < 0.8 * table.predict(model, SIZE)
     assert not list(tmp_path.iterdir())
+
+
+def test_predictions_are_anchored_at_the_latest_confirmation():
+    model = _model()
+    cost = TableCost(SIZE, None, sessions=1)
+    half = PruneConfig(ratio=0.5, by="channels", scope="uniform")
+    pruned = prune_ratio(model, half, SIZE, None)[0]
+    base, current, smaller = (cost.load(m) for m in (model, pruned, prune_ratio(pruned, half, SIZE, None)[0]))
+    base_ms, current_ms = cost.confirm(base, current, runs=5)
+    assert base_ms > current_ms > 0
+    assert cost.best_ms([base, current, smaller], 1, 1) == [
+        [base_ms], [current_ms], [pytest.approx(smaller.table_ms * current_ms / current.table_ms)]]  # fmt: skip
+    assert cost.from_unpruned(smaller) == pytest.approx(smaller.table_ms * base_ms / base.table_ms)

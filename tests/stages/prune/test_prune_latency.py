@@ -35,7 +35,9 @@ def test_budget_is_reached_as_measured_and_the_result_runs_exports_and_reloads(t
         t = rec["table"]
         assert t["timed_this_run"] == t["layers"] > 0 and (tmp_path / "table.json").is_file() and t["scale"] > 0
         assert all(0 < s["predicted_ratio"] < 1 for s in rec["steps"])
-        assert t["prediction_error"] == pytest.approx(t["predicted_after_ms"] / rec["latency_after_ms"] - 1, abs=1e-3)
+        for what in ("", "_from_unpruned"):
+            predicted = t["predicted_after_ms" if not what else "predicted_from_unpruned_ms"]
+            assert t[f"prediction_error{what}"] == pytest.approx(predicted / rec["latency_after_ms"] - 1, abs=1e-3)
     else:
         assert "table" not in rec and "predicted_ratio" not in rec["steps"][0]
     assert rec["mode"] == "latency" and rec["latency_budget"] == 0.9
