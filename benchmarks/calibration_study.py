@@ -5,8 +5,8 @@
 
 - EfficientNet-Lite0 (real ImageNet weights): 64 / 128 / 200 images from imagenet-sample/calib, evaluated on
   the 800 imagenet-sample/val images.
-- mobilenet_v3_small trained on CIFAR-10 (checkpoints/, 64x64): 64 / 256 / 1024 images from DIR/train,
-  evaluated on 2000 images of DIR/test drawn with a seed.
+- a model trained on CIFAR-10 (--cifar-model, default mobilenet_v3_small at 64x64; its checkpoint in checkpoints/):
+  64 / 256 / 1024 images from DIR/train, evaluated on --cifar-test images of DIR/test drawn with a seed.
 
 Each count is crossed with each method (minmax, percentile at each of --percentiles, entropy: onnxruntime's; mse:
 our range search, deploy/stages/int8/calibration.py) through deploy.stages.int8.quantize with the model's recipe
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from deploy import data, metrics, models, recipe
 from deploy.evalset import EvalSet
@@ -33,6 +34,7 @@ from deploy.stages import export_onnx, fold_bn
 from deploy.stages.int8 import quantize
 from deploy.stages.int8.adaround import adaround as adaround_weights
 from deploy.stages.int8.bias_correction import correct_bias
+from deploy.stages.int8.equalize import equalize as equalize_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,11 +56,17 @@ def _runs(methods: list[str], percentiles: list[float] | None) -> list[tuple[str
 
 
 def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: list[int], runs: list[tuple],
-          target: str, bias_correction: bool, adaround: bool, split: bool, work: Path) -> list[dict]:  # fmt: skip
+          target: str, bias_correction: bool, adaround: bool, equalize: bool, split: bool,
+          work: Path) -> list[dict]:  # fmt: skip
     model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
     fp32 = work / f"{name}.onnx"
     export_onnx.export(model, fp32, r.export, r.preprocess.input_size)
     ref = metrics.logits(OrtCpu(fp32), val, 64, f"{name} fp32")
+    if equalize:  # the build's equalize stage: the function is unchanged, only the weights' per-channel ranges
+        eq, record = equalize_graph(onnx.load(str(fp32)), r.quantize.equalize.relu6, r.quantize.equalize.pairs)
+        print(f"  {name}: equalized {record['pairs']} pairs {record['kinds']}, skipped {record['skipped']}")
+        fp32 = work / f"{name}.equalized.onnx"
+        onnx.save(eq, str(fp32))
     labels = val.labels
     # split A (tune) and split B (report): the val images in two halves by a seeded shuffle
     halves = dict(zip("AB", np.array_split(np.random.default_rng(0).permutation(len(labels)), 2))) if split else {}
@@ -110,15 +118,18 @@ def main() -> None:
     p.add_argument("--percentiles", help="percentile runs at each of these (e.g. 99.99,99.999); default the recipe's")
     p.add_argument("--bias-correction", action="store_true", help="correct biases after quantize, as the build does")
     p.add_argument("--adaround", action="store_true", help="each method also with AdaRound (before bias correction)")
+    p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (quantize.equalize)")
     p.add_argument("--split", action="store_true", help="report on two seeded halves of the val images, A and B")
     p.add_argument("--lite0-counts", default="64,128,200", help="'' skips EfficientNet-Lite0")
     p.add_argument("--cifar-counts", default="64,256,1024", help="'' skips CIFAR-10")
     p.add_argument("--cifar-test", type=int, default=2000)
+    p.add_argument("--cifar-model", default="mobilenet_v3_small", help="a recipe of recipes/cifar10/ (its checkpoint "
+                   "in checkpoints/)")  # fmt: skip
     args = p.parse_args()
     if args.cifar_counts and not args.cifar:
         p.error("--cifar DIR is needed unless --cifar-counts ''")
     runs = _runs(args.methods.split(","), [float(x) for x in args.percentiles.split(",")] if args.percentiles else None)
-    options = (args.target, args.bias_correction, args.adaround, args.split)
+    options = (args.target, args.bias_correction, args.adaround, args.equalize, args.split)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -128,17 +139,18 @@ def main() -> None:
             rows += study("efficientnet_lite0", r, args.data / "imagenet-sample/calib", val,
                           [int(c) for c in args.lite0_counts.split(",")], runs, *options, work)  # fmt: skip
         if args.cifar_counts:
-            r = recipe.load(str(ROOT / "recipes/cifar10/mobilenet_v3_small.yaml"))
-            r = recipe.override(r, {"model.weights": str(ROOT / "checkpoints/mobilenet_v3_small_cifar10.pth")})
+            name = args.cifar_model
+            r = recipe.load(str(ROOT / f"recipes/cifar10/{name}.yaml"))
+            r = recipe.override(r, {"model.weights": str(ROOT / f"checkpoints/{r.model.name}_cifar10.pth")})
             test = _subset(args.cifar / "test", args.cifar_test, work)
             val = data.labeled_set(test, data.Preprocessor(r.preprocess), r.model.num_classes)
-            rows += study("mobilenet_v3_small_cifar10", r, args.cifar / "train", val,
+            rows += study(f"{name}_cifar10", r, args.cifar / "train", val,
                           [int(c) for c in args.cifar_counts.split(",")], runs, *options, work)  # fmt: skip
 
     cols = {"A": "split A (tune)", "B": "split B (report)"} if args.split else {"exact": "exact", "kernels": "kernels"}
     print(
         f"\ntarget {args.target}; bias correction {'on' if args.bias_correction else 'off'}; AdaRound rows: "
-        f"{'yes' if args.adaround else 'no'}; "
+        f"{'yes' if args.adaround else 'no'}; equalization {'on' if args.equalize else 'off'}; "
         f"exact int8 kernels on this CPU (VNNI/AMX): {exact_int8_kernels()}"
     )
     if args.split:
