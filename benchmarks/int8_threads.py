@@ -10,8 +10,8 @@ checkpoint at 64x64, calibrated on train/.
 Variants, all from the same fp32 ONNX and the same --calib-images calibration images: ORT fp32; ours = `deploy
 build --int8` (target ort-cpu); onnxruntime's quantize_static with per_channel=True; with --peers auto and
 OpenVINO installed (pip install -e '.[peers]'), OpenVINO's CPU plugin on the fp32 ONNX at its default inference
-precision (bf16 on AMX CPUs) and NNCF's int8 (nncf.quantize) on OpenVINO, both compiled for each batch size (static
-shapes), latency hint, --threads inference threads.
+precision (bf16 on CPUs with bf16), NNCF's int8 (nncf.quantize) on OpenVINO and ours on OpenVINO (deploy.runtimes.
+openvino: compiled for each batch size (static shapes), latency hint, --threads inference threads).
 Timing: all variants of one (model, threads) row in alternating rounds in one process (interleaved_times):
 --rounds rounds of 10 batch-1 runs, then of 2 batch-32 runs, per variant. Cells are speed vs fp32 of the
 fastest run of each variant (interleaved_best_ms) and, in brackets, of its median run.
@@ -34,37 +34,16 @@ from int8_vs_peers import ROOT, _ours, _peer
 
 from deploy import data, models, recipe
 from deploy.core.context import BuildOptions
-from deploy.runtimes.base import Runtime, interleaved_times
+from deploy.runtimes.base import interleaved_times
+from deploy.runtimes.openvino import OpenVinoCpu
 from deploy.runtimes.ort import OrtCpu, default_threads, exact_int8_kernels
 
 CHECKPOINT = ROOT / "checkpoints" / "mobilenet_v3_small_cifar10.pth"
 CIFAR_RECIPE = ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"
-VARIANTS = ["ours int8", "`quantize_static` per-channel", "OpenVINO default", "NNCF int8 on OpenVINO"]
+VARIANTS = ["ours int8", "`quantize_static` per-channel", "OpenVINO default", "NNCF int8 on OpenVINO",
+            "ours int8 on OpenVINO"]
 MODELS = {"lite0": "EfficientNet-Lite0 224", "mnv3_224": "mobilenet_v3_small 224",
           "cifar_mnv3": "CIFAR mobilenet_v3_small 64"}  # fmt: skip
-
-
-class OpenVinoCpu(Runtime):
-    """OpenVINO's CPU plugin, latency hint, `threads` inference threads: an ONNX path or an openvino.Model, compiled
-    for each batch size it is given (static shapes: 25% faster at batch 1 than the dynamic batch, measured here)."""
-
-    def __init__(self, model, threads: int):
-        import openvino
-
-        self.name, self.threads, self.core = "openvino-cpu", threads, openvino.Core()
-        self.model = self.core.read_model(str(model)) if isinstance(model, Path) else model
-        self.requests = {}
-
-    def compiled(self, batch: int):
-        if batch not in self.requests:
-            model = self.model.clone()
-            model.reshape([batch, *list(self.model.input(0).get_partial_shape())[1:]])
-            config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
-            self.requests[batch] = self.core.compile_model(model, "CPU", config).create_infer_request()
-        return self.requests[batch]
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.compiled(len(batch)).infer({0: batch})[0]
 
 
 def peers(mode: str) -> tuple | None:
@@ -119,16 +98,14 @@ def bench_model(key: str, args, found: tuple | None, work: Path) -> list[dict]:
         openvino, nncf = found
         dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
         int8 = nncf.quantize(openvino.Core().read_model(str(fp32)), dataset, subset_size=len(calib))
-        ov_models = {VARIANTS[2]: fp32, VARIANTS[3]: int8}
+        ov_models = {VARIANTS[2]: fp32, VARIANTS[3]: int8, VARIANTS[4]: ours}
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     rows = []
     for t in args.threads:
         rts = {"fp32": OrtCpu(fp32, t), VARIANTS[0]: OrtCpu(ours, t), VARIANTS[1]: OrtCpu(static, t)}
         rts |= {name: OpenVinoCpu(m, t) for name, m in ov_models.items()}
         if found:
-            compiled = rts[VARIANTS[2]].compiled(1).get_compiled_model()
-            precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-            print(f"{MODELS[key]}, {t} thread(s): OpenVINO default inference precision {precision}")
+            print(f"{MODELS[key]}, {t} thread(s): OpenVINO default inference precision {rts[VARIANTS[2]].precision}")
         b1 = interleaved_times(list(rts.values()), shape, 1, args.rounds, 10)
         b32 = interleaved_times(list(rts.values()), shape, 32, args.rounds, 2)
         rows.append({"model": MODELS[key], "threads": t, **{n: (x, y) for n, x, y in zip(rts, b1, b32)}})

@@ -310,8 +310,9 @@ class VerifyConfig(_Strict):
     )
     val_seed: int = Field(0, description="Random seed of the val_limit draw.")
     latency: LatencyConfig = Field(LatencyConfig(), description="Latency and throughput measurement.")
-    runtime: Literal["ort", "tensorrt", "ort-trt"] = Field(
-        "ort", description="Where the int8 (or engine) model is verified."
+    runtime: Literal["ort", "tensorrt", "ort-trt", "openvino"] = Field(
+        "ort", description="Where the int8 (or engine) model is also verified. openvino (edge-deploy[openvino]): "
+        "when it passes there, the deployment recommendation times it on OpenVINO too and may pick it."
     )
     metrics: dict[str, MetricGate] = Field(
         {}, description="Gates on the metrics of deploy.build(..., evaluate=fn), by name."

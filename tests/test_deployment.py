@@ -7,7 +7,7 @@ import pytest
 
 from deploy import build
 from deploy import recipe as recipes
-from deploy.deployment import best, thread_counts
+from deploy.deployment import OPENVINO, ORT, best, thread_counts
 from deploy.runtimes.ort import default_threads
 from deploy.serving.predictor import Predictor
 
@@ -19,17 +19,20 @@ def test_thread_counts_are_powers_of_two_up_to_the_cores():
     assert thread_counts(8) == [1, 2, 4, 8]
 
 
-def _row(precision, threads, ms, ips):
-    return {"precision": precision, "threads": threads, "batch1_ms": ms, "throughput_ips": ips}
+def _row(precision, threads, ms, ips, runtime=ORT):
+    return {"runtime": runtime, "precision": precision, "threads": threads, "batch1_ms": ms, "throughput_ips": ips}
 
 
-def test_best_prefers_fewer_threads_within_five_percent_and_keeps_to_the_allowed_precisions():
+def test_best_prefers_onnxruntime_then_fewer_threads_within_five_percent():
     grid = [_row("fp32", 1, 10.0, 100), _row("fp32", 2, 6.0, 190), _row("int8", 1, 5.1, 200),
             _row("int8", 2, 5.0, 400), _row("int8", 4, 4.9, 390)]  # fmt: skip
-    assert best(grid, ["fp32", "int8"], "batch1_ms") == grid[2]  # 5.1 is within 5% of 4.9: one thread
-    assert best(grid, ["fp32", "int8"], "throughput_ips") == grid[3]  # 390 is within 5% of 400: 2 threads < 4
-    assert best(grid, ["fp32"], "batch1_ms") == grid[1]  # 10.0 is not within 5% of 6.0
-    assert best(grid, ["fp32"], "throughput_ips") == grid[1]
+    assert best(grid, "batch1_ms") == grid[2]  # 5.1 is within 5% of 4.9: one thread
+    assert best(grid, "throughput_ips") == grid[3]  # 390 is within 5% of 400: 2 threads < 4
+    assert best(grid[:2], "batch1_ms") == grid[1]  # 10.0 is not within 5% of 6.0
+    assert best(grid[:2], "throughput_ips") == grid[1]
+    openvino = [_row("int8", 1, 4.7, 300, OPENVINO), _row("int8", 2, 4.0, 500, OPENVINO)]
+    assert best([*grid[3:], openvino[0]], "batch1_ms") == grid[4]  # ORT's 4.9 is within 5% of 4.7
+    assert best([*grid[3:], *openvino], "batch1_ms") == openvino[1]  # 4.0 is faster by more than 5%
 
 
 def test_build_times_each_precision_at_each_thread_count_and_serving_uses_the_fastest(tmp_path, small_recipe):
@@ -72,3 +75,48 @@ def test_an_fp32_build_times_fp32_at_each_thread_count(tmp_path, small_recipe):
     dep = report["deployment"]
     assert {g["precision"] for g in dep["grid"]} == {"fp32"} and dep["latency"]["precision"] == "fp32"
     assert "recommended" not in report or report["recommended"]["precision"] == "fp32"
+
+
+def test_a_model_verified_on_openvino_is_timed_there_and_served_there_when_fastest(tmp_path, small_recipe):
+    pytest.importorskip("openvino")
+    from deploy.runtimes.openvino import OpenVinoCpu
+    from deploy.runtimes.ort import OrtCpu
+
+    r = recipes.override(small_recipe, {"quantize.enabled": True, "verify.max_top1_drop": None,
+                                        "verify.min_agreement": 50.0, "verify.latency.runs": 20,
+                                        "verify.runtime": "openvino"})  # fmt: skip
+    out = tmp_path / "out"
+    report = build(r, out=out).report
+    on, dep, rec = report["runtime"], report["deployment"], report["recommended"]
+    assert on["runtime"].startswith("openvino-cpu") and on["precision"] == "int8" and on["passed"]
+    assert on["accuracy"]["agreement"] >= 50.0 and on["latency"]["p50_ms"] > 0
+    counts = thread_counts(default_threads())
+    assert sorted((g["runtime"], g["precision"], g["threads"]) for g in dep["grid"]) == sorted(
+        [(ORT, p, t) for p in ("fp32", "int8") for t in counts] + [(OPENVINO, "int8", t) for t in counts])
+    assert set(dep["startup_s"]) == {"fp32", "int8", "int8 on openvino-cpu"}
+    mine = [g for g in dep["grid"] if g["precision"] == rec["precision"]]
+    assert dep["latency"] == best(mine, "batch1_ms") and rec["runtime"] == dep["latency"]["runtime"]
+    assert "int8 on openvino-cpu" in (out / "report.md").read_text()
+
+    spec = json.loads((out / "serving.json").read_text())
+    assert spec.get("runtime", ORT) == rec["runtime"]
+    spec["runtime"] = OPENVINO  # as a build that measured OpenVINO fastest writes it
+    (out / "serving.json").write_text(json.dumps(spec))
+    assert isinstance(Predictor(out).runtime, OpenVinoCpu)
+    other = "model.int8.onnx" if spec["model"] == "model.fp32.onnx" else "model.fp32.onnx"
+    assert isinstance(Predictor(out / other).runtime, OrtCpu)  # not the model it measured there
+    spec["runtime"] = "tflite"
+    (out / "serving.json").write_text(json.dumps(spec))
+    with pytest.raises(Exception, match="malformed serving description"):
+        Predictor(out)
+
+
+def test_openvino_asked_for_but_not_installed_is_one_line_before_any_work(tmp_path, small_recipe, monkeypatch):
+    from deploy.errors import DeployError
+    from deploy.runtimes import openvino
+
+    monkeypatch.setattr(openvino, "available", lambda: False)
+    r = recipes.override(small_recipe, {"quantize.enabled": True, "verify.runtime": "openvino"})
+    with pytest.raises(DeployError, match=r"^--runtime openvino needs OpenVINO: pip install"):
+        build(r, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, help="runtime threads for evaluation and latency (default: all cores)")
     b.add_argument("--workers", type=int, help="processes decoding the evaluation images (default: the cores)")
     b.add_argument("--val-limit", type=int, metavar="N", help="evaluate on N validation images drawn with a seed")
-    b.add_argument("--runtime", choices=["ort", "tensorrt", "ort-trt"], help="also verify on TensorRT (engine) or ORT's TensorRT EP")
+    b.add_argument("--runtime", choices=["ort", "tensorrt", "ort-trt", "openvino"],
+                   help="also verify on TensorRT (engine), ORT's TensorRT EP or OpenVINO's CPU plugin")
     b.add_argument("--prune", type=float, metavar="RATIO", help="structured pruning: remove this fraction of MACs")
     b.add_argument("--latency-budget", type=float, metavar="FRACTION",
                    help="latency-aware pruning (prune.mode latency) to this fraction of the unpruned ORT latency")  # fmt: skip

@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from ..deployment import NEAR
+from ..deployment import NEAR, ORT, startup_key
 
 
 def environment(threads: int) -> dict:
@@ -104,6 +104,8 @@ def markdown(r: dict, plot: str | None) -> str:
     if r.get("recommended"):
         rec = r["recommended"]
         on = f" on {rec['threads']} thread{'s' * (rec['threads'] > 1)}" if rec.get("threads") else ""
+        if rec.get("runtime", ORT) != ORT:
+            on = f" on {rec['runtime']},{on[3:]}"
         lines += [f"**Deploy `{rec['model']}`** ({rec['precision']}{on}): {rec['reason']}.", ""]
 
     acc = r.get("accuracy") or {}
@@ -179,18 +181,23 @@ def _deployment_section(d: dict | None) -> list[str]:
     if not d:
         return []
     counts = sorted({g["threads"] for g in d["grid"]})
-    lines = ["## Deployment on this CPU", "", "| precision | " + " | ".join(
+    lines = ["## Deployment on this CPU", "", "| model | " + " | ".join(
         f"{t} thread{'s' * (t > 1)}: batch-1 ms · img/s @{d['batch']}" for t in counts) + " | start-up s |",
         "|---|" + "---|" * (len(counts) + 1)]  # fmt: skip
-    for p in d["startup_s"]:
+    for key, seconds in d["startup_s"].items():
         cells = {g["threads"]: f"{g['batch1_ms']:.3f} · {g['throughput_ips']:.1f}"
-                 for g in d["grid"] if g["precision"] == p}  # fmt: skip
-        lines.append(f"| {p} | " + " | ".join(cells[t] for t in counts) + f" | {d['startup_s'][p]:.3f} |")
+                 for g in d["grid"] if startup_key(g["runtime"], g["precision"]) == key}  # fmt: skip
+        lines.append(f"| {key} | " + " | ".join(cells[t] for t in counts) + f" | {seconds:.3f} |")
     lo, hi = d["latency"], d["throughput"]
-    lines += ["", f"Lowest latency: **{lo['precision']} on {lo['threads']} threads** ({lo['batch1_ms']:.3f} ms); "
-              f"highest throughput: **{hi['precision']} on {hi['threads']} threads** ({hi['throughput_ips']:.1f} img/s "
-              f"at batch {d['batch']}). Fewer threads win within {NEAR:.0%}. Timed in {d['timed']}.", ""]  # fmt: skip
+    lines += ["", f"Lowest latency: **{_row(lo)}** ({lo['batch1_ms']:.3f} ms); highest throughput: **{_row(hi)}** "
+              f"({hi['throughput_ips']:.1f} img/s at batch {d['batch']}). ONNX Runtime, then fewer threads, win within "
+              f"{NEAR:.0%}. Timed "
+              f"in {d['timed']}.", ""]  # fmt: skip
     return lines
+
+
+def _row(g: dict) -> str:
+    return f"{startup_key(g['runtime'], g['precision'])} on {g['threads']} thread{'s' * (g['threads'] > 1)}"
 
 
 def _tensorrt_sections(r: dict) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import warn
 from ..errors import DeployError
 from .images import open_image
 from .spec import load, recommended
@@ -56,7 +57,7 @@ class Predictor:
         self.pre = self.spec.preprocess
         self.classes = self.spec.classes
         self.model_file = pick_model(folder) if artifact.is_dir() else artifact
-        self.runtime = _runtime(self.model_file, threads or self._measured_threads())
+        self.runtime = _runtime(self.model_file, threads or self._measured_threads(), self._measured_runtime())
 
     def _measured_threads(self) -> int | None:
         """The build's fastest thread count for the model it recommends, on a machine with as many cores."""
@@ -64,6 +65,10 @@ class Predictor:
 
         same = self.model_file.name == self.spec.model and self.spec.cores == default_threads()
         return self.spec.threads if same else None
+
+    def _measured_runtime(self) -> str | None:
+        """The runtime the build measured fastest for the model it recommends (OpenVINO's, or None for ORT)."""
+        return self.spec.runtime if self.model_file.name == self.spec.model else None
 
     def decode(self, payload: bytes, what: str = "image") -> np.ndarray:
         """Preprocessed CHW float32 from encoded image bytes; a one-line DeployError when unreadable or over the
@@ -86,13 +91,20 @@ class Predictor:
         return out
 
 
-def _runtime(model: Path, threads: int | None):
+def _runtime(model: Path, threads: int | None, runtime: str | None):
     if model.suffix == ".engine":
         from ..runtimes.tensorrt import TensorRTEngine
 
         return TensorRTEngine(model)
     if model.suffix != ".onnx":
         raise DeployError(f"{model}: expected a .onnx or .engine file")
+    if runtime == "openvino-cpu":
+        from ..runtimes.openvino import OpenVinoCpu, available
+
+        if available():
+            return OpenVinoCpu(model, threads)
+        warn(f"{model.name}: the build measured it fastest on OpenVINO, which is not installed here; serving it on "
+             "ONNX Runtime (pip install 'edge-deploy[openvino]')")  # fmt: skip
     from ..runtimes.ort import OrtCpu
 
     return OrtCpu(model, threads)

@@ -6,7 +6,8 @@
      "max_batch": 32, "preprocess": {"resize": 256, "input_size": 224, "interpolation": "bilinear",
      "mean": [...], "std": [...]}, "classes": ["tench", ...], "threads": 2, "cores": 2}
 
-"threads" (optional): the ORT CPU thread count the build measured fastest for the model, on a machine with "cores".
+"threads" (optional): the CPU thread count the build measured fastest for the model, on a machine with "cores".
+"runtime" (optional): "openvino-cpu" when that was OpenVINO's CPU plugin (served there when OpenVINO is installed).
 
 Folders built before serving.json existed are read from report.json (its recipe and recommendation) and the model.
 """
@@ -55,6 +56,7 @@ class Spec:
     classes: list[str]
     threads: int | None = None  # the build's fastest ORT CPU thread count, on a machine with `cores` cores
     cores: int | None = None
+    runtime: str | None = None  # "openvino-cpu" when the build measured the model fastest there; None = ORT
 
 
 def model_io(model: Path) -> tuple[Tensor, Tensor]:
@@ -98,7 +100,8 @@ def load(folder: Path) -> Spec:
                 raise DeployError(f"{path}: schema {d.get('schema')!r}, expected {SCHEMA}: rebuild with `deploy build`")
             spec = Spec(str(d["name"]), str(d["model"]), str(d["precision"]), Tensor(**d["input"]),
                         Tensor(**d["output"]), int(d["max_batch"]), Preprocess.from_dict(d["preprocess"], str(path)),
-                        [str(c) for c in d["classes"]], _count(d.get("threads")), _count(d.get("cores")))  # fmt: skip
+                        [str(c) for c in d["classes"]], _count(d.get("threads")), _count(d.get("cores")),
+                        _runtime(d.get("runtime")))  # fmt: skip
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DeployError(f"{path}: malformed serving description ({type(err).__name__}: {err})") from None
     elif (folder / "report.json").is_file():
@@ -146,6 +149,12 @@ def _count(value) -> int | None:
         return None
     if type(value) is not int or value < 1:
         raise ValueError(f"a thread or core count must be a positive integer, got {value!r}")
+    return value
+
+
+def _runtime(value) -> str | None:
+    if value not in (None, "openvino-cpu"):
+        raise ValueError(f"runtime must be openvino-cpu or absent (ONNX Runtime), got {value!r}")
     return value
 
 

@@ -7,6 +7,7 @@ import json
 
 from .. import data
 from ..core.context import Build
+from ..deployment import ORT
 from ..runtimes.ort import default_threads
 from ..serving.spec import SCHEMA, SPEC_FILE, model_io
 
@@ -33,6 +34,10 @@ class Describe:
 
 def _threads(report: dict) -> dict:
     """The thread count the build measured fastest for the served model, and the cores it had (serving uses it on a
-    machine with as many; elsewhere all cores)."""
+    machine with as many; elsewhere all cores); the runtime, when the fastest was OpenVINO."""
     dep = report.get("deployment")
-    return {"threads": dep["latency"]["threads"], "cores": default_threads()} if dep else {}
+    if not dep:
+        return {}
+    runtime = dep["latency"]["runtime"]
+    return {"threads": dep["latency"]["threads"], "cores": default_threads(), **({"runtime": runtime} if runtime != ORT
+            else {})}  # fmt: skip

@@ -5,9 +5,12 @@ and the model the build recommends."""
 from __future__ import annotations
 
 from .. import deployment, metrics
+from ..deployment import OPENVINO, ORT
 from ..console import info
 from ..core.context import Build
 from ..core.report import environment
+from ..errors import DeployError
+from ..recipe import Recipe
 from ..runtimes.ort import OrtCpu, default_threads, exact_int8_kernels
 from . import summary
 
@@ -15,12 +18,22 @@ from . import summary
 class Verify:
     name = "verify"
 
+    def preflight(self, recipe: Recipe) -> None:
+        """Refuse, before any work, a build that is to be verified on an OpenVINO this Python does not have."""
+        from ..runtimes import openvino
+
+        if recipe.verify.runtime == "openvino" and not openvino.available():
+            raise DeployError("--runtime openvino needs OpenVINO: pip install 'edge-deploy[openvino]'")
+
     def applies(self, b: Build) -> bool:
         return True
 
     def run(self, b: Build) -> str:
+        runtime = b.recipe.verify.runtime
+        if runtime == "openvino":  # first: a model that passes there is timed there for the deployment too
+            b.report["runtime"] = _on_runtime(b)
         _accuracy_and_latency(b)
-        if b.recipe.verify.runtime != "ort":
+        if runtime not in ("ort", "openvino"):
             b.report["runtime"] = _on_runtime(b)
         b.report["size_bytes"] = {
             "fp32": b.fp32_onnx.stat().st_size,
@@ -57,8 +70,11 @@ def _accuracy_and_latency(b: Build) -> None:
         info(f"  measuring {name} latency ({v.latency.runs} runs)")
         lat[name] = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
     dep = None
-    if target == "ort-cpu" or not b.int8_onnx:  # the build deploys on ORT CPU: which precision, how many threads
-        models = {"fp32": b.fp32_onnx, **({"int8": b.int8_onnx} if b.int8_onnx else {})}
+    if target == "ort-cpu" or not b.int8_onnx:  # the build deploys on a CPU: which runtime, precision, threads
+        models = {(ORT, "fp32"): b.fp32_onnx, **({(ORT, "int8"): b.int8_onnx} if b.int8_onnx else {})}
+        on = b.report.get("runtime") if v.runtime == "openvino" else None
+        if on and on["passed"]:  # verified on OpenVINO: timed there too
+            models[(OPENVINO, on["precision"])] = b.int8_onnx or b.fp32_onnx
         b.report["deployment"] = dep = _deployment(b, models, missed)
     if b.int8_onnx:
         lat["int8_speedup"] = lat["fp32"]["p50_ms"] / lat["int8"]["p50_ms"]
@@ -76,30 +92,38 @@ def _accuracy_and_latency(b: Build) -> None:
                    f"({lat['int8_throughput_speedup']:.2f}x throughput) on {fp32.name}")  # fmt: skip
     if dep:
         precision = b.report["recommended"]["precision"] if b.int8_onnx else "fp32"
-        dep["latency"] = deployment.best(dep["grid"], [precision], "batch1_ms")
+        dep["latency"] = deployment.best([g for g in dep["grid"] if g["precision"] == precision], "batch1_ms")
         if b.int8_onnx:
-            b.report["recommended"]["threads"] = dep["latency"]["threads"]
+            b.report["recommended"] |= {"threads": dep["latency"]["threads"], "runtime": dep["latency"]["runtime"]}
     b.report["latency"] = lat
     b.report["environment"] = {**environment(fp32.threads), "exact_int8_kernels": exact_int8_kernels()}
 
 
 def _deployment(b: Build, models: dict, missed: list[str]) -> dict:
-    """Every precision at every thread count up to verify.latency.threads (all cores); the throughput pick among the
-    precisions within the accuracy thresholds (the latency pick follows the recommendation)."""
+    """Every (runtime, precision) model at every thread count up to verify.latency.threads (all cores); the
+    throughput pick among the precisions within the accuracy thresholds (the latency pick follows the
+    recommendation)."""
     v, size, most = b.recipe.verify.latency, b.recipe.preprocess.input_size, b.threads or default_threads()
-    info(f"  timing {', '.join(models)} at {deployment.thread_counts(most)} threads")
+    info(f"  timing {', '.join(deployment.startup_key(*m) for m in models)} at {deployment.thread_counts(most)} "
+         "threads")  # fmt: skip
     dep = deployment.measure(models, (3, size, size), v.batch, most, max(1, v.runs // 20))
-    dep["throughput"] = deployment.best(dep["grid"], ["fp32"] if missed else list(models), "throughput_ips")
+    allowed = [g for g in dep["grid"] if not missed or g["precision"] == "fp32"]
+    dep["throughput"] = deployment.best(allowed, "throughput_ips")
     return dep
 
 
 def _on_runtime(b: Build) -> dict:
-    """Accuracy, parity against ORT fp32 and latency of the model on `verify.runtime` (tensorrt | ort-trt)."""
+    """Accuracy, parity against ORT fp32 and latency of the model on `verify.runtime` (tensorrt | ort-trt |
+    openvino)."""
     r, v = b.recipe, b.recipe.verify
     if v.runtime == "tensorrt":
         from ..runtimes.tensorrt import TensorRTEngine
 
         rt = TensorRTEngine(b.engine)
+    elif v.runtime == "openvino":
+        from ..runtimes.openvino import OpenVinoCpu
+
+        rt = OpenVinoCpu(b.int8_onnx or b.fp32_onnx, b.threads)
     else:
         from ..runtimes.ort_trt import OrtTensorRT
 
@@ -110,9 +134,11 @@ def _on_runtime(b: Build) -> dict:
     acc = metrics.compare(b.fp32_logits, got, b.eval_images.labels)  # agreement and SQNR against ORT fp32
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     lat = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
-    b.report["failures"] += [f"on {rt.name}: {m}" for m in metrics.missed_thresholds(v, acc)]
+    missed = metrics.missed_thresholds(v, acc)
+    b.report["failures"] += [f"on {rt.name}: {m}" for m in missed]
     placement = {"placement": rt.placement} if v.runtime == "ort-trt" else {}  # kernel runs per execution provider
-    return {"runtime": rt.name, "accuracy": acc, "latency": lat, **placement}
+    return {"runtime": rt.name, "precision": "int8" if b.int8_onnx else "fp32", "passed": not missed,
+            "accuracy": acc, "latency": lat, **placement}
 
 
 def _user_metrics(b: Build, evaluate) -> tuple[dict, list[str]]:

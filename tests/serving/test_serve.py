@@ -1,5 +1,6 @@
 """`deploy run` and `deploy serve`: the real server on 127.0.0.1, real HTTP requests, good, bad and concurrent."""
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,10 +39,15 @@ def _predict_count(url) -> float:
     return 0.0
 
 
-def test_healthz(server):
+def _recommended(artifact) -> str:
+    """The model the build recommends (int8, unless it timed slower than fp32 for this small random-weight net)."""
+    return json.loads((artifact / "serving.json").read_text())["model"]
+
+
+def test_healthz(server, artifact):
     r = httpx.get(f"{server}/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": "model.int8.onnx", "runtime": "onnxruntime-cpu"}
+    assert r.json() == {"status": "ok", "model": _recommended(artifact), "runtime": "onnxruntime-cpu"}
 
 
 def test_predict_matches_the_predictor_in_process(server, artifact, skimage_photos):
@@ -51,7 +57,7 @@ def test_predict_matches_the_predictor_in_process(server, artifact, skimage_phot
     r = _post(server, payload, params={"k": 3})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "model.int8.onnx" and 1 <= body["batch_size"] <= MAX_BATCH
+    assert body["model"] == _recommended(artifact) and 1 <= body["batch_size"] <= MAX_BATCH
     top = body["top_k"]
     assert [t["name"] for t in top] == [str(t["index"]) for t in top] and len(top) == 3
     p = Predictor(artifact, threads=1)
@@ -135,7 +141,7 @@ def test_run_prints_top_k_and_rejects_bad_input(artifact, skimage_photos, tmp_pa
     images = [str(skimage_photos / "astronaut.png"), str(skimage_photos / "coffee.png")]
     assert main(["run", str(artifact), *images, "-k", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].endswith("model.int8.onnx on onnxruntime-cpu")
+    assert out[0].endswith(f"{_recommended(artifact)} on onnxruntime-cpu")
     assert [line.split(": ")[0] for line in out[1:]] == images and all(line.count("(") == 2 for line in out[1:])
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"nope")

@@ -81,7 +81,7 @@ def test_serving_modules_import_nothing_that_pulls_in_the_build_stack():
     """Every import in deploy/serving is the standard library, numpy, PIL, onnxruntime, the serve extra's packages,
     or a deploy module from this light list (each checked for the same in a fresh interpreter below)."""
     light = {"deploy.errors", "deploy.console", "deploy.serving", "deploy.runtimes.base", "deploy.runtimes.ort",
-             "deploy.runtimes.tensorrt", "deploy.runtimes.tensorrt.sidecar"}  # fmt: skip
+             "deploy.runtimes.openvino", "deploy.runtimes.tensorrt", "deploy.runtimes.tensorrt.sidecar"}  # fmt: skip
     for path in SERVING.glob("*.py"):
         package, tree = "deploy.serving", ast.parse(path.read_text())
         optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)  # try: import x / except ImportError
