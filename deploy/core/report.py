@@ -216,6 +216,11 @@ def _tensorrt_sections(r: dict) -> list[str]:
             lines += [f"Top-1 {acc['int8']['top1']:.2f}% (fp32 on ORT {acc['fp32']['top1']:.2f}%).", ""]
         lines += [f"Batch-1 p50 {lat['p50_ms']:.3f} ms, p90 {lat['p90_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms "
                   f"over {lat['runs']} runs; {lat['throughput_ips']:.1f} img/s at batch {lat['batch']}.", ""]  # fmt: skip
+        if "bf16" in x:
+            a, passed = x["bf16"]["accuracy"], x["bf16"]["passed"]
+            drop = f"top-1 drop {a['top1_drop']:.2f} points, " if "top1_drop" in a else ""
+            lines += [f"The fp32 model in bf16 there, against ONNX Runtime fp32: {drop}agreement {a['agreement']:.2f}"
+                      f"%, logit SQNR {a['sqnr_db']:.1f} dB ({'within' if passed else 'outside'} the thresholds).", ""]
     return lines
 
 

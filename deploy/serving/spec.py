@@ -54,7 +54,7 @@ class Spec:
     max_batch: int  # the largest batch the build declares (recipe tensorrt.batch.max)
     preprocess: Preprocess
     classes: list[str]
-    threads: int | None = None  # the build's fastest ORT CPU thread count, on a machine with `cores` cores
+    threads: int | None = None  # the build's fastest CPU thread count, on a machine with `cores` cores
     cores: int | None = None
     runtime: str | None = None  # "openvino-cpu" when the build measured the model fastest there; None = ORT
 

@@ -20,7 +20,9 @@ class Describe:
 
     def run(self, b: Build) -> str:
         r = b.recipe
-        rec = b.report.get("recommended") or {"model": b.fp32_onnx.name, "precision": "fp32"}
+        dep = b.report.get("deployment")
+        rec = b.report.get("recommended") or {"model": b.fp32_onnx.name,
+                                               "precision": dep["latency"]["precision"] if dep else "fp32"}
         inp, out = model_io(b.workdir / rec["model"])
         named = b.validation.classes if b.validation is not None else None
         classes = named or data.class_names(r.model.num_classes)
@@ -38,6 +40,6 @@ def _threads(report: dict) -> dict:
     dep = report.get("deployment")
     if not dep:
         return {}
-    runtime = dep["latency"]["runtime"]
-    return {"threads": dep["latency"]["threads"], "cores": default_threads(), **({"runtime": runtime} if runtime != ORT
-            else {})}  # fmt: skip
+    fastest = dep["latency"]
+    out = {"threads": fastest["threads"], "cores": default_threads()}
+    return out | ({"runtime": fastest["runtime"]} if fastest["runtime"] != ORT else {})

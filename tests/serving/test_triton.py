@@ -58,7 +58,8 @@ def test_entry_is_a_valid_triton_model_config_for_the_recommended_model(build, t
     assert out.name == session.get_outputs()[0].name and list(out.dims) == [3] and out.label_filename == "labels.txt"
     assert (entry / "labels.txt").read_text().splitlines() == serving["classes"] == ["0", "1", "2"]
     assert (entry / "1" / "model.onnx").read_bytes() == (build / serving["model"]).read_bytes()
-    assert serving["precision"] == ("int8" if (build / "model.int8.onnx").is_file() else "fp32")
+    # the recommended model: int8 unless this small random-weight net's int8 timed slower than fp32 on this CPU
+    assert serving["precision"] == ("int8" if serving["model"] == "model.int8.onnx" else "fp32")
     x = np.zeros((2, 3, 64, 64), np.float32)  # Triton's batch: the model's dynamic first dimension
     assert session.run([out.name], {inp.name: x})[0].shape == (2, 3)
 

@@ -61,10 +61,12 @@ def test_the_table_is_kept_across_runs_and_a_damaged_file_is_left_alone(tmp_path
 
 
 def test_halving_every_layers_channels_is_predicted_much_faster(tmp_path):
-    model = _model()
+    # at 160 px (0.59 here): at 64 a lone layer's run is ~10 us, much of it ORT's per-call overhead, and the halved
+    # model's sum measured 0.65 of the full one's here but 1.04 in one CI run
+    model, size = _model(), 160
     table = LatencyTable(None)  # this run only: no file
-    pruned = prune_ratio(model, PruneConfig(ratio=0.5, by="channels", scope="uniform"), SIZE, None)[0]
-    assert table.predict(pruned, SIZE) < 0.8 * table.predict(model, SIZE)
+    pruned = prune_ratio(model, PruneConfig(ratio=0.5, by="channels", scope="uniform"), size, None)[0]
+    assert table.predict(pruned, size) < 0.8 * table.predict(model, size)
     assert not list(tmp_path.iterdir())
 
 
