@@ -16,8 +16,9 @@ from .base import Runtime
 
 @cache
 def _core():
-    """One openvino.Core for the process. With one Core per model, the build crashed (segmentation fault, 3 builds
-    of 3) in its deployment timing, after the verification's runtime and its Core were freed; with one, 2 of 2 ran."""
+    """One openvino.Core for the process. With one Core per model, the build crashed (segmentation fault, 4 runs of
+    5, the fifth under gdb) in its deployment timing, after the verification's runtime and its Core were freed; with
+    one, every build since ran."""
     import openvino
 
     return openvino.Core()
