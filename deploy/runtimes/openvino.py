@@ -13,6 +13,8 @@ import numpy as np
 from ..errors import DeployError
 from .base import Runtime
 
+RUNTIME = "openvino-cpu"  # its name in report.json's deployment grid and serving.json
+
 
 @cache
 def _core():
@@ -48,7 +50,7 @@ class OpenVinoCpu(Runtime):
         self.model = self.core.read_model(str(model)) if isinstance(model, Path) else model
         self._requests: dict = {}
         self.precision = self._request(1).get_compiled_model().get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        self.name = f"openvino-cpu ({self.precision} float layers)"
+        self.name = f"{RUNTIME} ({self.precision} float layers)"
 
     def _request(self, batch: int):
         if batch not in self._requests:

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..console import warn
 from ..errors import DeployError
+from ..runtimes.openvino import RUNTIME as OPENVINO
 from .images import open_image
 from .spec import load, recommended
 
@@ -98,7 +99,7 @@ def _runtime(model: Path, threads: int | None, runtime: str | None):
         return TensorRTEngine(model)
     if model.suffix != ".onnx":
         raise DeployError(f"{model}: expected a .onnx or .engine file")
-    if runtime == "openvino-cpu":
+    if runtime == OPENVINO:
         from ..runtimes.openvino import OpenVinoCpu, available
 
         if available():

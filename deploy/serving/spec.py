@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DeployError
+from ..runtimes.openvino import RUNTIME as OPENVINO
 from .preprocess import Preprocess
 
 SPEC_FILE = "serving.json"
@@ -153,8 +154,8 @@ def _count(value) -> int | None:
 
 
 def _runtime(value) -> str | None:
-    if value not in (None, "openvino-cpu"):
-        raise ValueError(f"runtime must be openvino-cpu or absent (ONNX Runtime), got {value!r}")
+    if value not in (None, OPENVINO):
+        raise ValueError(f"runtime must be {OPENVINO} or absent (ONNX Runtime), got {value!r}")
     return value
 
 

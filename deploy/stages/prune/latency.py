@@ -5,9 +5,10 @@ Each step proposes one candidate per Torch-Pruning dependency group: the group's
 of channels removed (kept width a multiple of round_to). Each candidate's latency is predicted from NetAdapt's
 per-layer look-up table (table.py: each layer configuration timed once, kept across runs) and every step is
 confirmed by timing the unpruned and the pruned model whole, which also re-anchors the table's predictions; with
-prune.latency_table None, or on a device, every candidate is exported and timed whole on ONNX Runtime instead. Its accuracy cost is estimated without labels: the
-KL divergence of its predictions from the unpruned model's on the calibration images, after re-estimating BatchNorm
-statistics (adapt_bn: the cheap stand-in for NetAdapt's short fine-tune, as in EagleEye). The step keeps the
+prune.latency_table None, or on a device, every candidate is exported and timed whole on ONNX Runtime instead. Its
+accuracy cost is estimated without labels: the KL divergence of its predictions from the unpruned model's on the
+calibration images, after re-estimating BatchNorm statistics (adapt_bn: the cheap stand-in for NetAdapt's short
+fine-tune, as in EagleEye). The step keeps the
 candidate with the least KL increase per ms saved; steps repeat until the latency (predicted and measured) is
 within `latency_budget` of the unpruned model's.
 
