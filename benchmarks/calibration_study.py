@@ -23,6 +23,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -113,7 +114,7 @@ def main() -> None:
     p.add_argument(
         "--cifar", type=Path, help="CIFAR-10 JPEGs: train/<class>/, test/<class>/ (not with --cifar-counts '')"
     )
-    p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "tensorrt"])
+    p.add_argument("--target", default="ort-cpu", choices=get_args(recipe.Target))
     p.add_argument("--methods", default="minmax,percentile,entropy,mse")
     p.add_argument("--percentiles", help="percentile runs at each of these (e.g. 99.99,99.999); default the recipe's")
     p.add_argument("--bias-correction", action="store_true", help="correct biases after quantize, as the build does")

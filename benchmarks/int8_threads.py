@@ -10,8 +10,9 @@ checkpoint at 64x64, calibrated on train/.
 Variants, all from the same fp32 ONNX and the same --calib-images calibration images: ORT fp32; ours = `deploy
 build --int8` (target ort-cpu); onnxruntime's quantize_static with per_channel=True; with --peers auto and
 OpenVINO installed (pip install -e '.[peers]'), OpenVINO's CPU plugin on the fp32 ONNX at its default inference
-precision (bf16 on CPUs with bf16), NNCF's int8 (nncf.quantize) on OpenVINO and ours on OpenVINO (deploy.runtimes.
-openvino: compiled for each batch size (static shapes), latency hint, --threads inference threads).
+precision (bf16 on CPUs with bf16), NNCF's int8 (nncf.quantize) on OpenVINO, ours on OpenVINO and ours built with
+`--target openvino` (the form made for it) on OpenVINO (deploy.runtimes.openvino: compiled for each batch size
+(static shapes), latency hint, --threads inference threads).
 Timing: all variants of one (model, threads) row in alternating rounds in one process (interleaved_times):
 --rounds rounds of 10 batch-1 runs, then of 2 batch-32 runs, per variant. Cells are speed vs fp32 of the
 fastest run of each variant (interleaved_best_ms) and, in brackets, of its median run.
@@ -41,7 +42,7 @@ from deploy.runtimes.ort import OrtCpu, default_threads, exact_int8_kernels
 CHECKPOINT = ROOT / "checkpoints" / "mobilenet_v3_small_cifar10.pth"
 CIFAR_RECIPE = ROOT / "recipes" / "cifar10" / "mobilenet_v3_small.yaml"
 VARIANTS = ["ours int8", "`quantize_static` per-channel", "OpenVINO default", "NNCF int8 on OpenVINO",
-            "ours int8 on OpenVINO"]
+            "ours int8 on OpenVINO", "ours `--target openvino` on OpenVINO"]
 MODELS = {"lite0": "EfficientNet-Lite0 224", "mnv3_224": "mobilenet_v3_small 224",
           "cifar_mnv3": "CIFAR mobilenet_v3_small 64"}  # fmt: skip
 
@@ -98,7 +99,9 @@ def bench_model(key: str, args, found: tuple | None, work: Path) -> list[dict]:
         openvino, nncf = found
         dataset = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))])
         int8 = nncf.quantize(openvino.Core().read_model(str(fp32)), dataset, subset_size=len(calib))
-        ov_models = {VARIANTS[2]: fp32, VARIANTS[3]: int8, VARIANTS[4]: ours}
+        _, for_openvino, _ = _ours(r, BuildOptions(calib=calib_dir, out=work / "openvino"),
+                                   {"quantize.target": "openvino"})  # fmt: skip
+        ov_models = {VARIANTS[2]: fp32, VARIANTS[3]: int8, VARIANTS[4]: ours, VARIANTS[5]: for_openvino}
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     rows = []
     for t in args.threads:

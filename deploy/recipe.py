@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import DeployError
 
-Target = Literal["ort-cpu", "tensorrt"]
+Target = Literal["ort-cpu", "tensorrt", "openvino"]
 
 
 class _Strict(BaseModel):
@@ -196,7 +196,10 @@ class QuantizeConfig(_Strict):
     """Post-training int8 quantization to QDQ ONNX, made for one target runtime."""
 
     enabled: bool = Field(False, description="Quantize to int8 (else the build stays fp32).")
-    target: Target = Field("ort-cpu", description="Runtime the QDQ model is made for.")
+    target: Target = Field(
+        "ort-cpu", description="Runtime the QDQ model is made for: ONNX Runtime's CPU kernels, TensorRT, or "
+        "OpenVINO's CPU plugin (edge-deploy[openvino]; the build verifies it there, verify.runtime openvino)."
+    )
     per_channel: bool = Field(True, description="Per-output-channel weight scales (else one per tensor).")
     reduce_range: bool = Field(
         False,
@@ -223,8 +226,8 @@ class QuantizeConfig(_Strict):
     )
     conv_inputs_only: bool = Field(
         True,
-        description="tensorrt: Q/DQ only on the inputs of Conv, Gemm and Add, none between a Conv and its "
-        "activation (TensorRT fuses them); False = onnxruntime's default, a Q/DQ pair on every tensor.",
+        description="tensorrt and openvino: Q/DQ only on the inputs of Conv, Gemm and Add, none between a Conv and "
+        "its activation (both runtimes fuse them); False = onnxruntime's default, a Q/DQ pair on every tensor.",
     )
     equalize: EqualizeConfig = Field(EqualizeConfig(), description="Cross-layer equalization before calibration.")
     adaround: AdaRoundConfig = Field(AdaRoundConfig(), description="AdaRound: learned rounding of the int8 weights.")
@@ -246,8 +249,9 @@ class QuantizeConfig(_Strict):
 
     @model_validator(mode="after")
     def _reduce_range_for_cpu_only(self):
-        if self.reduce_range and self.target == "tensorrt":
-            raise ValueError("reduce_range is for the ort-cpu target; TensorRT computes int8 exactly")
+        if self.reduce_range and self.target != "ort-cpu":
+            raise ValueError(f"reduce_range is for the ort-cpu target (ORT's kernels on CPUs without VNNI), "
+                             f"not {self.target}")
         return self
 
 
@@ -473,6 +477,23 @@ class Recipe(_Strict):
     prune: PruneConfig = Field(PruneConfig(), description="Structured channel pruning.")
     distill: DistillConfig = Field(DistillConfig(), description="Knowledge-distillation fine-tuning.")
     tensorrt: TensorRTConfig = Field(TensorRTConfig(), description="TensorRT engine build.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openvino_target_verified_there(cls, data: Any) -> Any:
+        """A model made for OpenVINO is verified on it: verify.runtime ort (the default) becomes openvino."""
+        quantize, verify = (data.get(k) if isinstance(data, dict) else None for k in ("quantize", "verify"))
+        if isinstance(quantize, dict) and quantize.get("target") == "openvino" and isinstance(verify or {}, dict):
+            if (verify or {}).get("runtime", "ort") == "ort":
+                data = {**data, "verify": {**(verify or {}), "runtime": "openvino"}}
+        return data
+
+    @model_validator(mode="after")
+    def _openvino_target_runtime(self):
+        if self.quantize.target == "openvino" and self.verify.runtime != "openvino":
+            raise ValueError(f"quantize.target openvino is verified on OpenVINO, not verify.runtime "
+                             f"{self.verify.runtime}")
+        return self
 
     @model_validator(mode="after")
     def _onnx_input_has_no_pytorch_stages(self):

@@ -10,8 +10,10 @@ from deploy.runtimes.ort import exact_int8_kernels
 pytestmark = pytest.mark.data
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt", "openvino"])
 def test_efficientnet_lite0_int8_keeps_top1(tmp_path, imagenet_sample, target):
+    if target == "openvino":
+        pytest.importorskip("openvino")
     r = recipe.override(recipe.load("efficientnet_lite0"), {"quantize.enabled": True, "quantize.target": target,
                                                             "verify.max_top1_drop": None})  # fmt: skip
     report = build(r, calib=imagenet_sample / "calib", val=imagenet_sample / "val", out=tmp_path / "b").report
@@ -28,3 +30,7 @@ def test_efficientnet_lite0_int8_keeps_top1(tmp_path, imagenet_sample, target):
     else:
         assert acc["top1_drop"] <= 0.3
         assert acc["agreement"] >= 97.0
+    if target == "openvino":  # and on OpenVINO itself, where it is deployed
+        on = report["runtime"]["accuracy"]
+        assert report["runtime"]["runtime"].startswith("openvino-cpu")
+        assert on["top1_drop"] <= 0.3 and on["agreement"] >= 97.0

@@ -1,6 +1,7 @@
-"""Real data: the committed CIFAR-10 checkpoints through `deploy build --int8` for both targets, evaluated on the
+"""Real data: the committed CIFAR-10 checkpoints through `deploy build --int8` for every target, evaluated on the
 whole CIFAR-10 test set (10,000 images): int8 within 0.3 top-1 point of fp32 (MISSES: 0.5), on ORT's kernels for
-ort-cpu (exact on VNNI/AMX CPUs) and exact Q/DQ arithmetic for tensorrt. The build gets training images, so QAT runs
+ort-cpu (exact on VNNI/AMX CPUs), exact Q/DQ arithmetic for tensorrt and openvino, and for openvino on OpenVINO too
+(skipped where it is not installed). The build gets training images, so QAT runs
 when post-training quantization misses: it must not for the models that quantize well, and must for
 EfficientNet-B0 (its SiLU activations are heavy-tailed: per-tensor int8 with its recipe's entropy calibration
 loses 2.2 points on ort-cpu, 1.6 on tensorrt)."""
@@ -20,14 +21,16 @@ MODELS = {"mobilenet_v3_small": 80.0, "mobilenet_v2": 81.0, "shufflenet_v2_x1_0"
 NEEDS_QAT = {"efficientnet_b0"}  # 2 epochs of 10,000 images: ~11 min a target on 2 cores, so marked slow
 # The issue's target is 0.3; the build's threshold stays 0.5 (what sends a model to QAT). Misses, measured: ShuffleNet
 # v1's tensorrt form (0.37 with 95.3% agreement: its stage-4 depthwise outputs are heavy-tailed across images, see
-# docs/int8.md)
-DROP, MISSES = 0.3, {("shufflenet_v1", "tensorrt"): 0.5}
+# docs/int8.md) and its openvino form (0.30 with exact arithmetic, 0.38 on OpenVINO with bf16 float layers)
+DROP, MISSES = 0.3, {("shufflenet_v1", "tensorrt"): 0.5, ("shufflenet_v1", "openvino"): 0.5}
 pytestmark = pytest.mark.data
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt", "openvino"])
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEEDS_QAT else n for n in MODELS])
 def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
+    if target == "openvino":
+        pytest.importorskip("openvino")
     r = recipes.load(str(ROOT / "recipes" / "cifar10" / f"{name}.yaml"))
     checkpoint = ROOT / "checkpoints" / f"{r.model.name}_cifar10.pth"
     if not checkpoint.is_file():
@@ -44,6 +47,10 @@ def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
           + (f", post-training int8 {qat['ptq']}" if qat else ""))
     assert acc["fp32"]["n"] == 10000 and acc["fp32"]["top1"] >= MODELS[name]
     assert exact["top1_drop"] <= MISSES.get((name, target), DROP)
+    if target == "openvino":  # and on OpenVINO itself (its float layers in bf16 on CPUs that have it)
+        on = report["runtime"]["accuracy"]
+        print(f"on {report['runtime']['runtime']}: drop {on['top1_drop']:.2f}, agreement {on['agreement']:.2f}%")
+        assert on["top1_drop"] <= MISSES.get((name, target), DROP)
     assert report["passed"] == (acc["top1_drop"] <= 0.5)
-    if exact_int8_kernels() or target == "tensorrt":  # QAT is judged on the figures of ORT's kernels
+    if exact_int8_kernels() or target != "ort-cpu":  # QAT is judged on the figures of ORT's kernels
         assert (qat is not None and "kept" not in qat) == (name in NEEDS_QAT)

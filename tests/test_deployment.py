@@ -120,12 +120,45 @@ def test_a_model_verified_on_openvino_is_timed_there_and_served_there_when_faste
         Predictor(out)
 
 
-def test_openvino_asked_for_but_not_installed_is_one_line_before_any_work(tmp_path, small_recipe, monkeypatch):
+def test_a_model_made_for_openvino_is_verified_timed_and_recommended_there(tmp_path, small_recipe):
+    pytest.importorskip("openvino")
+    r = recipes.override(small_recipe, {"quantize.enabled": True, "quantize.target": "openvino",
+                                        "verify.max_top1_drop": None, "verify.min_agreement": 50.0,
+                                        "verify.latency.runs": 20})  # fmt: skip
+    out = tmp_path / "out"
+    report = build(r, out=out).report
+    on, dep, rec = report["runtime"], report["deployment"], report["recommended"]
+    assert on["runtime"].startswith(OPENVINO) and on["precision"] == "int8" and on["passed"] and not on["missed"]
+    # made for OpenVINO: its int8 is timed there only (ORT runs the form slower than the ort-cpu one)
+    assert {(g["runtime"], g["precision"]) for g in dep["grid"]} == {(ORT, "fp32"), (OPENVINO, "int8")} | (
+        {(OPENVINO, "bf16")} if on.get("bf16", {}).get("passed") else set())
+    int8_best = min(g["batch1_ms"] for g in dep["grid"] if g["precision"] == "int8")
+    fp32_best = min(g["batch1_ms"] for g in dep["grid"] if g["precision"] == "fp32")
+    assert report["latency"]["int8_speedup_interleaved"] == pytest.approx(fp32_best / int8_best)
+    assert report["latency"]["int8_runtime"] == OPENVINO and "openvino-target" in report["latency"]["note"]
+    if rec["precision"] == "int8":
+        assert rec["runtime"] == OPENVINO and "on openvino-cpu" in rec["reason"]
+    spec = json.loads((out / "serving.json").read_text())
+    assert spec["model"] == rec["model"] and spec.get("runtime", ORT) == rec["runtime"]
+
+    # missed on OpenVINO: the build fails and recommends the float model
+    result = build(recipes.override(r, {"verify.min_sqnr_db": 200.0}), out=tmp_path / "missed")
+    failed = result.report
+    assert not result.passed and failed["runtime"]["missed"] and not failed["runtime"]["passed"]
+    assert any(f.startswith("on openvino-cpu") and "min_sqnr_db" in f for f in failed["failures"])
+    assert failed["recommended"]["model"] == "model.fp32.onnx" and "on openvino-cpu" in failed["recommended"]["reason"]
+    assert not any(g["precision"] == "int8" for g in failed["deployment"]["grid"])
+
+
+@pytest.mark.parametrize("option, overrides", [("--runtime", {"verify.runtime": "openvino"}),
+                                               ("--target", {"quantize.target": "openvino"})])
+def test_openvino_asked_for_but_not_installed_is_one_line_before_any_work(tmp_path, small_recipe, monkeypatch,
+                                                                          option, overrides):  # fmt: skip
     from deploy.errors import DeployError
     from deploy.runtimes import openvino
 
     monkeypatch.setattr(openvino, "available", lambda: False)
-    r = recipes.override(small_recipe, {"quantize.enabled": True, "verify.runtime": "openvino"})
-    with pytest.raises(DeployError, match=r"^--runtime openvino needs OpenVINO: pip install"):
+    r = recipes.override(small_recipe, {"quantize.enabled": True, **overrides})
+    with pytest.raises(DeployError, match=rf"^{option} openvino needs OpenVINO: pip install"):
         build(r, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

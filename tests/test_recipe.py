@@ -49,6 +49,7 @@ def test_unknown_key_is_a_one_line_error(tmp_path):
         ({"export.opset": 13}, "export.opset"),
         ({"quantize.calibration.samples": 0}, "samples"),
         ({"quantize.target": "tensorrt", "quantize.reduce_range": True}, "reduce_range is for the ort-cpu target"),
+        ({"quantize.target": "openvino", "verify.runtime": "tensorrt"}, "verified on OpenVINO, not verify.runtime"),
     ],
 )
 def test_invalid_values_are_rejected(updates, message):
@@ -59,6 +60,13 @@ def test_invalid_values_are_rejected(updates, message):
 def test_overrides_replace_nested_fields():
     r = recipe.override(recipe.load("mobilenet_v2"), {"quantize.target": "tensorrt", "verify.max_top1_drop": None})
     assert r.quantize.target == "tensorrt" and r.verify.max_top1_drop is None
+
+
+def test_a_model_made_for_openvino_is_verified_there():
+    r = recipe.override(recipe.load("mobilenet_v2"), {"quantize.target": "openvino"})
+    assert r.verify.runtime == "openvino"  # from the default, ort
+    assert recipe.override(r, {"verify.max_top1_drop": None}).verify.runtime == "openvino"
+    assert recipe.override(recipe.load("mobilenet_v2"), {"quantize.target": "tensorrt"}).verify.runtime == "ort"
 
 
 def test_unknown_model_suggests_close_names():

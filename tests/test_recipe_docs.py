@@ -29,7 +29,7 @@ def test_docs_are_up_to_date():
 
 def test_types_are_readable():
     props = SCHEMA["$defs"]["QuantizeConfig"]["properties"]
-    assert recipe_docs.type_name(props["target"]) == '"ort-cpu" | "tensorrt"'
+    assert recipe_docs.type_name(props["target"]) == '"ort-cpu" | "tensorrt" | "openvino"'
     assert recipe_docs.type_name(SCHEMA["$defs"]["QATConfig"]["properties"]["lr"]) == "float | None"
     assert recipe_docs.constraints(SCHEMA["$defs"]["QATConfig"]["properties"]["lr"]) == "> 0"
     assert recipe_docs.type_name(SCHEMA["$defs"]["VerifyConfig"]["properties"]["metrics"]) == "dict[str, MetricGate]"

@@ -99,9 +99,9 @@ class Build:
         v, target, threads, images = self.recipe.verify, self.recipe.quantize.target, self.threads, self.eval_images
         runtimes = {} if self.fp32_logits is not None else {"fp32": OrtCpu(self.fp32_onnx, threads)}
         if self.int8_onnx:
-            # TensorRT accumulates int8 products exactly in int32: its accuracy is that of the exact Q/DQ
-            # arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
-            runtimes["int8"] = OrtCpu(self.int8_onnx, threads, reference=target == "tensorrt")
+            # TensorRT and OpenVINO accumulate int8 products exactly in int32: their accuracy is that of the exact
+            # Q/DQ arithmetic, which ORT's CPU kernels may not reproduce (see exact_int8_kernels).
+            runtimes["int8"] = OrtCpu(self.int8_onnx, threads, reference=target != "ort-cpu")
             if target == "ort-cpu" and not exact_int8_kernels():
                 runtimes["reference"] = OrtCpu(self.int8_onnx, threads, reference=True)
         start = time.perf_counter()

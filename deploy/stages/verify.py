@@ -23,7 +23,8 @@ class Verify:
         from ..runtimes import openvino
 
         if recipe.verify.runtime == "openvino" and not openvino.available():
-            raise DeployError("--runtime openvino needs OpenVINO: pip install 'edge-deploy[openvino]'")
+            option = "--target" if recipe.quantize.target == "openvino" else "--runtime"
+            raise DeployError(f"{option} openvino needs OpenVINO: pip install 'edge-deploy[openvino]'")
 
     def applies(self, b: Build) -> bool:
         return True
@@ -70,9 +71,11 @@ def _accuracy_and_latency(b: Build) -> None:
         info(f"  measuring {name} latency ({v.latency.runs} runs)")
         lat[name] = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
     dep = None
-    if target == "ort-cpu" or not b.int8_onnx:  # the build deploys on a CPU: which runtime, precision, threads
-        models = {(ORT, "fp32"): b.fp32_onnx, **({(ORT, "int8"): b.int8_onnx} if b.int8_onnx else {})}
-        on = b.report.get("runtime") if v.runtime == "openvino" else None
+    on = b.report.get("runtime") if v.runtime == "openvino" else None
+    if target != "tensorrt" or not b.int8_onnx:  # the build deploys on a CPU: which runtime, precision, threads
+        models = {(ORT, "fp32"): b.fp32_onnx}
+        if b.int8_onnx and target == "ort-cpu":  # the openvino form is timed on OpenVINO only
+            models[(ORT, "int8")] = b.int8_onnx
         if on and on["passed"]:  # verified on OpenVINO: timed there too
             models[(OPENVINO, on["precision"])] = b.int8_onnx or b.fp32_onnx
         if on and on.get("bf16", {}).get("passed"):
@@ -83,9 +86,15 @@ def _accuracy_and_latency(b: Build) -> None:
         lat["int8_throughput_speedup"] = lat["int8"]["throughput_ips"] / lat["fp32"]["throughput_ips"]
         if target == "tensorrt":
             lat["note"] = "the tensorrt-target model on ORT CPU; TensorRT latency comes from the engine on the GPU"
-        if dep:  # the recommendation's speed figure: each precision at its fastest thread count
-            lat["int8_speedup_interleaved"] = deployment.fastest_ms(dep["grid"], "fp32") / deployment.fastest_ms(
-                dep["grid"], "int8")
+        elif target == "openvino":
+            lat["note"] = "the openvino-target model on ORT CPU; its OpenVINO latency is in the deployment grid"
+        if on and target == "openvino":
+            missed = [*missed, *on["missed"]]
+        int8_rows = [g for g in dep["grid"] if g["precision"] == "int8"] if dep else []
+        if int8_rows:  # the recommendation's speed figure: int8 (any runtime) and ORT fp32, each at its fastest
+            int8_fast = min(int8_rows, key=lambda g: g["batch1_ms"])
+            lat["int8_speedup_interleaved"] = deployment.fastest_ms(dep["grid"], "fp32") / int8_fast["batch1_ms"]
+            lat["int8_runtime"] = int8_fast["runtime"]
         b.report["recommended"] = rec = recommend(target, missed, lat)
         if rec["precision"] == "fp32":
             b.warn(f"deploy the fp32 model: {rec['reason']}")
@@ -99,9 +108,9 @@ def _accuracy_and_latency(b: Build) -> None:
         if b.int8_onnx:
             rec = b.report["recommended"]
             if fast["precision"] == "bf16":
-                int8_ms = deployment.fastest_ms(dep["grid"], "int8")
-                why = (f"the fp32 model in bf16 on OpenVINO is the fastest at batch 1 ({fast['batch1_ms']:.3f} ms; "
-                       f"int8 {int8_ms:.3f} ms on onnxruntime-cpu), within the accuracy thresholds there")
+                other = f"; int8 {int8_fast['batch1_ms']:.3f} ms on {int8_fast['runtime']}" if int8_rows else ""
+                why = (f"the fp32 model in bf16 on OpenVINO is the fastest at batch 1 ({fast['batch1_ms']:.3f} ms"
+                       f"{other}), within the accuracy thresholds there")
                 rec |= {"model": b.fp32_onnx.name, "precision": "bf16", "reason": why}
             rec |= {"threads": fast["threads"], "runtime": fast["runtime"]}
     b.report["latency"] = lat
@@ -145,12 +154,12 @@ def _on_runtime(b: Build) -> dict:
     acc = metrics.compare(b.fp32_logits, got, b.eval_images.labels)  # agreement and SQNR against ORT fp32
     shape = (3, r.preprocess.input_size, r.preprocess.input_size)
     lat = rt.benchmark(shape, v.latency.batch, v.latency.warmup, v.latency.runs).to_dict()
-    missed = metrics.missed_thresholds(v, acc)
-    b.report["failures"] += [f"on {rt.name}: {m}" for m in missed]
+    missed = [f"on {rt.name}: {m}" for m in metrics.missed_thresholds(v, acc)]
+    b.report["failures"] += missed
     placement = {"placement": rt.placement} if v.runtime == "ort-trt" else {}  # kernel runs per execution provider
-    record = {"runtime": rt.name, "precision": precision, "passed": not missed, "accuracy": acc, "latency": lat,
-              **placement}
-    if v.runtime == "openvino" and b.int8_onnx and r.quantize.target == "ort-cpu":
+    record = {"runtime": rt.name, "precision": precision, "passed": not missed, "missed": missed, "accuracy": acc,
+              "latency": lat, **placement}
+    if v.runtime == "openvino" and b.int8_onnx and r.quantize.target != "tensorrt":
         record |= _bf16_on_openvino(b)
     return record
 
@@ -176,7 +185,7 @@ def _user_metrics(b: Build, evaluate) -> tuple[dict, list[str]]:
         return {}, []
     runtimes = {"fp32": OrtCpu(b.fp32_onnx, b.threads)}
     if b.int8_onnx:
-        runtimes["int8"] = OrtCpu(b.int8_onnx, b.threads, reference=b.recipe.quantize.target == "tensorrt")
+        runtimes["int8"] = OrtCpu(b.int8_onnx, b.threads, reference=b.recipe.quantize.target != "ort-cpu")
     values: dict[str, dict[str, float]] = {}
     for precision, rt in runtimes.items():
         try:
@@ -206,19 +215,19 @@ SLOWER = 0.95
 
 def recommend(target: str, missed: list[str], lat: dict) -> dict:
     """The model to deploy (`deploy run` / `serve` pick it from a build folder): int8 unless it misses an
-    accuracy threshold or, on ORT CPU, runs slower than fp32 at batch 1."""
+    accuracy threshold or, on a CPU target, runs slower than fp32 at batch 1."""
     int8 = {"model": "model.int8.onnx", "precision": "int8"}
     fp32 = {"model": "model.fp32.onnx", "precision": "fp32"}
     if missed:
         return {**fp32, "reason": "int8 misses " + "; ".join(missed)}
     if target == "tensorrt":
         return {**int8, "reason": "made for TensorRT, which runs it in int8 (ORT CPU runs this form slowly)"}
-    speedup = lat["int8_speedup_interleaved"]
+    speedup, runtime = lat["int8_speedup_interleaved"], lat.get("int8_runtime", lat["runtime"])
     if speedup < SLOWER:
-        return {**fp32, "reason": f"int8 is slower than fp32 on {lat['runtime']} at batch 1 ({speedup:.2f}x, "
+        return {**fp32, "reason": f"int8 is slower than fp32 on {runtime} at batch 1 ({speedup:.2f}x, "
                                   "timed in alternating rounds); its accuracy is within the thresholds"}  # fmt: skip
     return {**int8, "reason": f"within the accuracy thresholds and {speedup:.2f}x the speed of fp32 at batch 1 on "
-                              f"{lat['runtime']} (timed in alternating rounds)"}  # fmt: skip
+                              f"{runtime} (timed in alternating rounds)"}  # fmt: skip
 
 
 def _saturation_warning(acc: dict) -> str:

@@ -17,9 +17,12 @@ LAT = {"runtime": "onnxruntime-cpu"}
     ("ort-cpu", ["int8 top-1 drop 2.00 points > max_top1_drop 1.0"], 2.0, "fp32", "int8 misses int8 top-1 drop"),
     ("tensorrt", [], 0.25, "int8", "made for TensorRT"),  # slow on ORT CPU by design: speed does not count
     ("tensorrt", ["accuracy 0.5 < min 0.9"], 0.25, "fp32", "int8 misses accuracy 0.5"),
+    ("openvino", [], 1.40, "int8", "1.40x the speed of fp32 at batch 1 on openvino-cpu"),  # its fastest int8 row's
+    ("openvino", [], 0.75, "fp32", "int8 is slower than fp32 on openvino-cpu"),
 ])  # fmt: skip
 def test_recommendation(target, missed, speedup, precision, reason):
-    got = recommend(target, missed, {**LAT, "int8_speedup_interleaved": speedup})
+    fastest = {"int8_runtime": "openvino-cpu"} if target == "openvino" else {}
+    got = recommend(target, missed, {**LAT, **fastest, "int8_speedup_interleaved": speedup})
     assert got["precision"] == precision and got["model"] == f"model.{precision}.onnx"
     assert reason in got["reason"]
 

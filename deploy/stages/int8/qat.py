@@ -55,7 +55,7 @@ _QUANTIZED_OUTPUT = _CONV | _ADD | _MUL | _FUSED_AFTER_CONV | {
 def _specs(target: Target):
     """(activation, weight) QuantizationSpecs with onnxruntime's rules for the target (quant_utils.compute_scale_zp):
     weights int8 symmetric per output channel on [-127, 127] (scale = max|w| / 127, from the current weights at
-    every step); activations uint8 asymmetric (ort-cpu) or int8 symmetric on [-127, 127] with zero-point 0
+    every step); activations uint8 asymmetric (ort-cpu, openvino) or int8 symmetric on [-127, 127] with zero-point 0
     (tensorrt), from moving-average min/max."""
     from torchao.quantization.pt2e import (
         FakeQuantize,
@@ -81,7 +81,7 @@ def _specs(target: Target):
 def target_quantizer(target: Target):
     """A torchao PT2E Quantizer that fake-quantizes what onnxruntime quantizes for `target` (quantize.py).
 
-    tensorrt: the inputs of Conv/Linear (activation and weight) and both inputs of Add (conv_inputs_only).
+    tensorrt, openvino: the inputs of Conv/Linear (activation and weight) and both inputs of Add (conv_inputs_only).
     ort-cpu: also the outputs of every op ORT quantizes, a Conv's output taken after the ReLU / h-sigmoid it
     fuses with. torchao's own quantizers (X86InductorQuantizer) use int8 weights on [-128, 127], a grid ORT
     does not produce, and their own placement, hence this one."""
@@ -97,7 +97,7 @@ def target_quantizer(target: Target):
                 inputs: dict = {}
                 if n.target in _CONV:
                     inputs = {n.args[0]: activation, n.args[1]: weight}
-                elif n.target in _ADD and target == "tensorrt":
+                elif n.target in _ADD and target != "ort-cpu":
                     inputs = {a: activation for a in n.args[:2] if isinstance(a, torch.fx.Node)}
                 output = None
                 if target == "ort-cpu" and n.target in _QUANTIZED_OUTPUT:

@@ -8,6 +8,9 @@ tensorrt: int8 activations with zero-point 0, int8 per-channel symmetric weights
           on the inputs of Conv/Gemm/MatMul/Add, so each Conv fuses with its activation; biases stay float
           (TensorRT's ONNX parser takes only INT8/FP8/INT4 into DequantizeLinear, so an int32 bias DQ fails
           the parse; TensorRT quantizes the bias itself when it fuses the Conv; NVIDIA ModelOpt does the same).
+openvino: the tensorrt placement (OpenVINO's CPU plugin also fuses each Conv with its activation) with the ort-cpu
+          form's uint8 asymmetric activations and int32 biases: faster there than either form (docs/int8.md),
+          slower than the ort-cpu form on ORT CPU.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _readable(cache: Path) -> bool:
 
 def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig) -> str:
     """Calibration ranges depend on the model, the preprocessed images, the calibration settings and the target
-    (tensorrt's activations are symmetric: its percentile, entropy and mse ranges differ from ort-cpu's)."""
+    (tensorrt's activations are symmetric: its percentile, entropy and mse ranges differ from the others')."""
     h = hashlib.sha256(fp32.read_bytes())
     h.update(np.ascontiguousarray(calib).tobytes())
     h.update(json.dumps({"method": cfg.calibration.method, "percentile": cfg.calibration.percentile,
@@ -106,7 +109,7 @@ def cache_key(fp32: Path, calib: np.ndarray, cfg: QuantizeConfig) -> str:
 
 def quantized_op_types(cfg: QuantizeConfig) -> list[str] | None:
     """The op types onnxruntime quantizes; None = all it can."""
-    return [*TENSORRT_WEIGHTED, "Add"] if cfg.target == "tensorrt" and cfg.conv_inputs_only else None
+    return [*TENSORRT_WEIGHTED, "Add"] if cfg.target != "ort-cpu" and cfg.conv_inputs_only else None
 
 
 def float_stem(model: onnx.ModelProto, cfg: QuantizeConfig) -> list[str]:

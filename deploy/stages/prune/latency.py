@@ -40,12 +40,12 @@ from ...recipe import PruneConfig
 from ...train import torch_threads
 from .groups import adapt_bn, importance, protected_layers, traceable_shuffle, widths
 from .table import TableCost
-from .timing import LocalTimer
+from .timing import ROUNDS, LocalTimer
 
 # The accuracy proxy (BN re-estimation and KL) runs on calibration images worth this many pixels, per candidate
 # (128 images at 64x64, the 32-image minimum at 224x224), which bounds its cost at large inputs.
 PROXY_PIXELS, MIN_PROXY_IMAGES = 128 * 64 * 64, 32
-ROUNDS, MIN_RUNS, SESSIONS = 10, 10, 2  # timing: rounds x runs per model, interleaved; sessions per model
+MIN_RUNS, SESSIONS = 10, 2  # timing: runs per model and round (timing.ROUNDS, interleaved); sessions per model
 ROUND_MS = 20.0  # at least this long per model and round: 31 runs a round for mobilenet_v3_small at 64 px
 MAX_STEPS = 200
 
@@ -233,7 +233,7 @@ def _search(model: nn.Module, cfg: PruneConfig, input_size: int, data, cost, bud
         raise DeployError(f"prune ({what}) needs calibration images (its accuracy proxy runs on them)")
     # one forward pass of 64 images took 2.3 s on 2 OpenMP threads and 0.03 s on 1 on this 2-core machine shared
     # with other jobs, and idle OpenMP workers spin into ORT's timing
-    confirm = hasattr(cost, "confirm")
+    confirm = isinstance(cost, TableCost)  # predicted: each step is confirmed by timing the models whole
     with torch_threads(1):
         try:
             search = LatencySearch(model, cfg, input_size, data, cost)

@@ -22,9 +22,9 @@ from torch import nn
 from ...console import warn
 from ...runtimes.base import interleaved_best_ms
 from ...runtimes.ort import OrtCpu
+from .timing import ROUNDS, LocalTimer
 
 LAYER_ROUNDS, LAYER_RUNS = 10, 20  # a new layer's figure: fastest of 10 alternating rounds x 20 runs
-ROUNDS = 10  # whole-model confirmation: alternating rounds
 # A predicted saving counts above this fraction of the current latency: below it, within a layer figure's variation
 FLOOR = 0.002
 SCHEMA = 1
@@ -175,8 +175,6 @@ class TableCost:
     name, unit = "onnxruntime-cpu on this machine (per-layer look-up table)", "latency"
 
     def __init__(self, input_size: int, path: Path | None, sessions: int):
-        from .timing import LocalTimer
-
         self.size, self.table, self.timer = input_size, LatencyTable(path), LocalTimer(input_size, sessions)
         self.scale: float | None = None  # measured / table ms of the unpruned model, at the first confirmation
         self.anchor = 1.0  # measured / table ms of the current model, at the latest confirmation

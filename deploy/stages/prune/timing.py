@@ -14,6 +14,9 @@ from ...runtimes.ort import OrtCpu
 from ..export_onnx import export
 
 
+ROUNDS = 10  # whole-model timing: alternating rounds of the models compared
+
+
 def onnx_bytes(model: nn.Module, input_size: int) -> bytes:
     """`model` exported as the build would (unsimplified: the search times many candidates)."""
     with tempfile.TemporaryDirectory() as tmp:

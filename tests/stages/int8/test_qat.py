@@ -59,7 +59,7 @@ def _int8(model, tmp_path, target, **placement) -> onnx.ModelProto:
     return onnx.load(str(tmp_path / "int8.onnx"))
 
 
-@pytest.mark.parametrize("target", ["tensorrt", "ort-cpu"])
+@pytest.mark.parametrize("target", ["tensorrt", "ort-cpu", "openvino"])
 def test_fake_quantization_sits_where_onnxruntime_puts_qdq(prepared, tmp_path, target):
     folded, prepared = prepared(target)
     fqs = qat.fake_quantizers(prepared)
@@ -85,7 +85,9 @@ def test_fake_quantization_sits_where_onnxruntime_puts_qdq(prepared, tmp_path, t
     weight_dqs = [n for n in q.graph.node
                   if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")]
     assert len(weight_dqs) == len(weights)
-    if target == "tensorrt":  # inputs of Conv/Gemm and Add only: no Q between a Conv and its activation
+    activation_spec, _ = qat._specs(target)
+    assert activation_spec.dtype == (torch.int8 if target == "tensorrt" else torch.uint8)
+    if target != "ort-cpu":  # inputs of Conv/Gemm and Add only: no Q between a Conv and its activation
         assert ours == ort and ours["Conv"] == 11  # the 11 blocks' projection Convs (no activation after them)
     else:
         # every op output, except the Conv before each squeeze-excite h-sigmoid: qdq_placement folds that

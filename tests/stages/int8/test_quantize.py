@@ -85,6 +85,24 @@ def test_ort_cpu_form_is_u8_activations_and_s8_per_channel_weights(fp32_model, t
     assert "HardSwish" in {n.op_type for n in model.graph.node}  # not split into HardSigmoid + Mul
 
 
+def test_openvino_form_quantizes_conv_and_add_inputs_with_u8_activations_and_int32_biases(fp32_model, tmp_path):
+    model, info = _quantize(fp32_model, tmp_path, target="openvino")
+    inits, qs, dqs = _params(model)
+    assert qs and all(inits[q.input[2]].dtype == np.uint8 for q in qs)  # asymmetric: the zero-point is free
+    assert info["bias"].startswith("int32") and any(inits[dq.input[0]].dtype == np.int32 for dq in dqs
+                                                    if dq.input[0] in inits)  # fmt: skip
+    assert len(_weight_dqs(model, inits)) == sum(n.op_type in ("Conv", "Gemm") for n in model.graph.node)
+    # the tensorrt placement: every dequantized activation feeds a Conv, Gemm or Add, none comes out of a Q
+    # placed after a Conv's activation, so OpenVINO fuses each Conv with what follows it
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    activation_dqs = [dq for dq in dqs if dq.input[0] not in inits]
+    assert activation_dqs and {t for dq in activation_dqs for t in consumers[dq.output[0]]} <= {"Conv", "Gemm", "Add"}
+    assert "HardSwish" in {n.op_type for n in model.graph.node} and info["placement"]["int8_hard_activations"] == {}
+
+
 def test_reduce_range_gives_7_bit_weights(fp32_model, tmp_path):
     model, info = _quantize(fp32_model, tmp_path, reduce_range=True)
     inits, _, _ = _params(model)
