@@ -92,19 +92,20 @@ def test_dockerignore_keeps_build_outputs_out_but_not_the_package():
 
 
 def test_images_install_the_serving_path_from_the_repository_only():
-    """No torch, no build stack, no extra index: the serve extra (GPU images: and engine), onnxruntime pinned to the
-    minor release these tests run (CPU image)."""
+    """No torch, no build stack, no extra index: the serve extra (GPU images: and engine; CPU image: EXTRAS, serve by
+    default), onnxruntime pinned to the minor release these tests run (CPU image)."""
     from importlib.metadata import version
 
     for dockerfile in DOCKERFILES:
         text = re.sub(r"\\\n", " ", dockerfile.read_text())
         runs = [a for w, a in _instructions(dockerfile) if w == "RUN" and "pip install" in a]
-        extras = "serve" if dockerfile.name == "Dockerfile.cpu" else "serve,engine"
+        extras = "${EXTRAS}" if dockerfile.name == "Dockerfile.cpu" else "serve,engine"
         assert len(runs) == 1 and f'pip install --no-cache-dir ".[{extras}]"' in runs[0], dockerfile.name
         pip = [c for c in runs[0].split("&&") if "pip install" in c]
         assert not any("torch" in c for c in pip), dockerfile.name
         assert "pytorch.org" not in text and "--extra-index-url" not in text, dockerfile.name
     cpu = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert re.search(r"^ARG EXTRAS=serve$", cpu, re.MULTILINE)  # the default: the serving path alone
     pinned = re.search(r"^ARG ONNXRUNTIME_VERSION=(\S+)$", cpu, re.MULTILINE).group(1)
     assert pinned.split(".")[:2] == version("onnxruntime").split(".")[:2]
     assert f"{ARTIFACT}:ro" in cpu.split("FROM")[0]  # the documented run mounts the artifact read-only

@@ -62,6 +62,14 @@ def test_overrides_replace_nested_fields():
     assert r.quantize.target == "tensorrt" and r.verify.max_top1_drop is None
 
 
+def test_the_command_line_offers_every_target():
+    from typing import get_args
+
+    from deploy.cli.build import TARGETS
+
+    assert TARGETS == list(get_args(recipe.Target))
+
+
 def test_a_model_made_for_openvino_is_verified_there():
     r = recipe.override(recipe.load("mobilenet_v2"), {"quantize.target": "openvino"})
     assert r.verify.runtime == "openvino"  # from the default, ort

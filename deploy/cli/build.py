@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import get_args
 
 from ..errors import ThresholdMissed
-from ..recipe import Target
+
+# recipe.Target: deploy.recipe needs pydantic and yaml, which the serving install (`deploy run`) does not have
+TARGETS = ["ort-cpu", "tensorrt", "openvino"]
 
 
 def add_parser(sub) -> None:
@@ -15,7 +16,7 @@ def add_parser(sub) -> None:
     b.set_defaults(func=run)
     b.add_argument("model", help="a model name from `deploy list`, or a recipe YAML file")
     b.add_argument("--int8", action="store_true", help="post-training int8 quantization (QDQ)")
-    b.add_argument("--target", choices=get_args(Target), help="runtime the int8 model is made for")
+    b.add_argument("--target", choices=TARGETS, help="runtime the int8 model is made for")
     b.add_argument("--calib", type=Path, help="calibration images (a folder, flat or nested)")
     b.add_argument("--val", type=Path, help="labeled validation images (one subfolder per class)")
     b.add_argument("--weights", help="checkpoint: a state_dict or a training checkpoint holding one")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import get_args
 
-from ..recipe import Target
+from .build import TARGETS
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +16,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-classes", type=int, help="classes of a fine-tuned head")
     p.add_argument("--calib", type=Path, help="calibration images (default: the build folder's, else built-in)")
     p.add_argument("--val", type=Path, help="labeled validation images (else held-out calibration images)")
-    p.add_argument("--target", choices=get_args(Target), help="runtime the int8 model is made for")
+    p.add_argument("--target", choices=TARGETS, help="runtime the int8 model is made for")
     p.add_argument("--out", type=Path, help="output folder (default build/diagnose/<model>-<target>)")
     p.add_argument("--top", type=int, default=10, help="layers in the worst-layers table (default 10)")
     p.add_argument("--sqnr-images", type=int, default=32, help="calibration images for the one-pass SQNR (default 32)")
