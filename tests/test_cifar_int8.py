@@ -20,9 +20,9 @@ MODELS = {"mobilenet_v3_small": 80.0, "mobilenet_v2": 81.0, "shufflenet_v2_x1_0"
           "hardnet39ds": 67.0, "shufflenet_v1": 64.0}
 NEEDS_QAT = {"efficientnet_b0"}  # 2 epochs of 10,000 images: ~11 min a target on 2 cores, so marked slow
 # The issue's target is 0.3; the build's threshold stays 0.5 (what sends a model to QAT). Misses, measured: ShuffleNet
-# v1's tensorrt form (0.37 with 95.3% agreement: its stage-4 depthwise outputs are heavy-tailed across images, see
-# docs/int8.md) and its openvino form (0.30 with exact arithmetic, 0.38 on OpenVINO with bf16 float layers)
-DROP, MISSES = 0.3, {("shufflenet_v1", "tensorrt"): 0.5, ("shufflenet_v1", "openvino"): 0.5}
+# v1's openvino form on OpenVINO (0.31; 0.22 with exact arithmetic: its stage-4 depthwise outputs are heavy-tailed
+# across images, see docs/int8.md)
+DROP, MISSES = 0.3, {("shufflenet_v1", "openvino"): 0.5}
 pytestmark = pytest.mark.data
 
 
@@ -54,3 +54,20 @@ def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
     assert report["passed"] == (acc["top1_drop"] <= 0.5)
     if exact_int8_kernels() or target != "ort-cpu":  # QAT is judged on the figures of ORT's kernels
         assert (qat is not None and "kept" not in qat) == (name in NEEDS_QAT)
+
+
+def test_shufflenet_v1_with_more_calibration_images_stays_close(cifar10, tmp_path):
+    """1,024 calibration images instead of the recipe's 256: a few of them have stage-4 activations int8 clips hard,
+    and bias correction's plain mean over its 64 images let one such image set every image's correction (agreement
+    69.7% on half of the test images; bias_correction.TRIM)."""
+    r = recipes.load(str(ROOT / "recipes" / "cifar10" / "shufflenet_v1.yaml"))
+    checkpoint = ROOT / "checkpoints" / f"{r.model.name}_cifar10.pth"
+    if not checkpoint.is_file():
+        pytest.skip(f"checkpoints/{checkpoint.name} not present")
+    r = recipes.override(r, {"model.weights": str(checkpoint), "quantize.enabled": True, "quantize.target": "tensorrt",
+                             "quantize.calibration.samples": 1024, "verify.max_top1_drop": 0.5,
+                             "verify.latency.runs": 20, "quantize.sensitivity_images": 0})  # fmt: skip
+    acc = build(r, calib=cifar10 / "train", val=cifar10 / "test", out=tmp_path / "b").report["accuracy"]
+    print(f"\nshufflenet_v1 tensorrt, 1024 calibration images: drop {acc['top1_drop']:.2f}, agreement "
+          f"{acc['agreement']:.2f}%")
+    assert acc["agreement"] >= 94.0 and acc["top1_drop"] <= 0.5

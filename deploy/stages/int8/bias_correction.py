@@ -2,7 +2,7 @@
 
 Quantizing weights and input activations shifts the mean of a layer's output: E[W_q x_q] != E[W x]. For each
 quantized Conv/Gemm, the per-output-channel mean of its output in the QDQ model minus the same mean in the
-fp32 model, measured on the calibration images, is subtracted from its bias: an int32 one behind a
+fp32 model, measured on the calibration images (trimmed: TRIM), is subtracted from its bias: an int32 one behind a
 DequantizeLinear (scale s_in * s_w per channel, so the shift is rounded onto that grid; the ort-cpu form) or a
 float initializer (the tensorrt form, whose biases onnxruntime leaves unquantized). Sequentially, in graph order: each
 layer is measured with the corrections of the layers before it applied, so a layer does not correct a shift
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from scipy.stats import trim_mean
 
 from ...console import track
 from ...core.context import Build
@@ -32,6 +33,10 @@ DQ = "DequantizeLinear"
 # calibration images used (their activations are held in memory one layer at a time: about 1 GB for
 # EfficientNet-Lite0 at 224 px); on Lite0, 64 did as well as 200
 IMAGES = 64
+# A channel's shift is the mean of the images' own shifts (int8 minus fp32 mean output, paired by image) without
+# this fraction of them at either end: a few images whose activations int8 clips hard otherwise set every image's
+# correction (ShuffleNet v1 at 32 px; docs/int8.md)
+TRIM = 0.1
 
 
 def _session(model: onnx.ModelProto, exact: bool):
@@ -65,18 +70,20 @@ def _truncated(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return sub
 
 
-def channel_means(model: onnx.ModelProto, tensors: list[str], calib: np.ndarray, batch: int,
-                  exact: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
-    """Per-channel (axis 1) means of `tensors` over the images `calib` (and every other axis)."""
+def _image_means(y: np.ndarray) -> np.ndarray:
+    """[images, channels]: each image's per-channel (axis 1) mean of `y` over its other axes."""
+    return y.reshape(y.shape[0], y.shape[1], -1).mean(axis=2, dtype=np.float64)
+
+
+def image_means(model: onnx.ModelProto, tensors: list[str], calib: np.ndarray, batch: int,
+                exact: bool = True) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per image and channel (axis 1), the means of `tensors` on the images `calib`: [images, channels] each."""
     sess = _session(_truncated(model, tensors), exact)
-    sums = {t: 0.0 for t in tensors}
-    count = {t: 0 for t in tensors}
+    means: dict[str, list] = {t: [] for t in tensors}
     for i in range(0, len(calib), batch):
         for t, y in zip(tensors, sess.run(tensors, {sess.get_inputs()[0].name: calib[i : i + batch]})):
-            axes = tuple(a for a in range(y.ndim) if a != 1)
-            sums[t] = sums[t] + y.sum(axis=axes, dtype=np.float64)
-            count[t] += y.size // y.shape[1]
-    return {t: sums[t] / count[t] for t in tensors}
+            means[t].append(_image_means(y))
+    return {t: np.concatenate(m) for t, m in means.items()}
 
 
 class _Layer:
@@ -247,13 +254,12 @@ def correct_bias(fp32: Path, int8: Path, calib: np.ndarray, out: Path, images: i
     calib = calib[np.unique(np.linspace(0, len(calib) - 1, min(images, len(calib))).round().astype(int))]
     fp32_model, qmodel = onnx.load(str(fp32)), onnx.load(str(int8))
     layers, skipped = quantized_layers(qmodel, fp32_model)
-    reference = channel_means(fp32_model, [layer.ref for layer in layers], calib, batch, exact=False) if layers else {}
+    reference = image_means(fp32_model, [layer.ref for layer in layers], calib, batch, exact=False) if layers else {}
     stepper = _Stepper(qmodel, calib)
     rms_shift = []
     for layer in track(layers, "Bias correction", total=len(layers)):
         y = stepper.run_to(layer.output)
-        axes = tuple(a for a in range(y.ndim) if a != 1)
-        shift = y.mean(axis=axes, dtype=np.float64) - reference[layer.ref]
+        shift = trim_mean(_image_means(y) - reference[layer.ref], TRIM, axis=0)
         bias = layer.corrected(shift)
         if layer.scale is not None and np.abs(bias).max() >= 2**31:
             skipped["corrected bias overflows int32"] = skipped.get("corrected bias overflows int32", 0) + 1
@@ -268,6 +274,7 @@ def correct_bias(fp32: Path, int8: Path, calib: np.ndarray, out: Path, images: i
         "layers": len(rms_shift),
         "skipped": skipped,
         "images": len(calib),
+        "trimmed": TRIM,  # of the images at either end of each channel's shifts
         # per corrected layer: RMS over output channels of the mean shift removed
         "rms_shift": {"median": float(np.median(rms_shift)), "max": float(np.max(rms_shift))} if rms_shift else None,
         "seconds": round(time.perf_counter() - start, 1),

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from deploy import data, models, recipe
-from deploy.stages.int8.bias_correction import channel_means, correct_bias, quantized_layers
+from deploy.stages.int8.bias_correction import correct_bias, image_means, quantized_layers
 from deploy.stages.export_onnx import export
 from deploy.stages.fold_bn import fold_batchnorm
 from deploy.stages.int8.quantize import quantize
@@ -34,11 +34,11 @@ def _mean_shifts(fp32: Path, int8: Path, corrected: Path, images: np.ndarray) ->
     output on `images` (exact Q/DQ arithmetic)."""
     fmodel = onnx.load(str(fp32))
     layers, _ = quantized_layers(onnx.load(str(int8)), fmodel)
-    ref = channel_means(fmodel, [layer.ref for layer in layers], images, 16, exact=False)
+    ref = image_means(fmodel, [layer.ref for layer in layers], images, 16, exact=False)
     shifts = []
     for path in (int8, corrected):
-        got = channel_means(onnx.load(str(path)), [layer.output for layer in layers], images, 16)
-        shifts.append(np.array([np.sqrt(np.mean((got[la.output] - ref[la.ref]) ** 2)) for la in layers]))
+        got = image_means(onnx.load(str(path)), [layer.output for layer in layers], images, 16)
+        shifts.append(np.array([np.sqrt(np.mean((got[la.output] - ref[la.ref]).mean(axis=0) ** 2)) for la in layers]))
     return shifts[0], shifts[1]
 
 
@@ -83,3 +83,4 @@ def test_float_biases_of_the_tensorrt_form_are_corrected(quantized):
     ratio = shift_after / shift_before
     print(f"\ntensorrt form, held-out mean-shift ratio: median {np.median(ratio):.2f}, worst {ratio.max():.2f}")
     assert np.median(ratio) < 0.7 and shift_after.sum() < 0.7 * shift_before.sum()
+
