@@ -482,10 +482,12 @@ class Recipe(_Strict):
     @classmethod
     def _openvino_target_verified_there(cls, data: Any) -> Any:
         """A model made for OpenVINO is verified on it: verify.runtime ort (the default) becomes openvino."""
-        quantize, verify = (data.get(k) if isinstance(data, dict) else None for k in ("quantize", "verify"))
-        if isinstance(quantize, dict) and quantize.get("target") == "openvino" and isinstance(verify or {}, dict):
-            if (verify or {}).get("runtime", "ort") == "ort":
-                data = {**data, "verify": {**(verify or {}), "runtime": "openvino"}}
+        if not isinstance(data, dict) or not isinstance(data.get("quantize"), dict):
+            return data
+        verify = data.get("verify") or {}
+        if data["quantize"].get("target") == "openvino" and isinstance(verify, dict) and \
+                verify.get("runtime", "ort") == "ort":  # fmt: skip
+            data = {**data, "verify": {**verify, "runtime": "openvino"}}
         return data
 
     @model_validator(mode="after")
