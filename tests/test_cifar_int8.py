@@ -1,7 +1,7 @@
 """Real data: the committed CIFAR-10 checkpoints through `deploy build --int8` for every target, evaluated on the
 whole CIFAR-10 test set (10,000 images): int8 within 0.3 top-1 point of fp32 (MISSES: 0.5), on ORT's kernels for
-ort-cpu (exact on VNNI/AMX CPUs), exact Q/DQ arithmetic for tensorrt and openvino, and for openvino on OpenVINO too
-(skipped where it is not installed). The build gets training images, so QAT runs
+ort-cpu (exact on VNNI/AMX CPUs), exact Q/DQ arithmetic for tensorrt and openvino (three models, OPENVINO), and for
+openvino on OpenVINO too (skipped where it is not installed). The build gets training images, so QAT runs
 when post-training quantization misses: it must not for the models that quantize well, and must for
 EfficientNet-B0 (its SiLU activations are heavy-tailed: per-tensor int8 with its recipe's entropy calibration
 loses 2.2 points on ort-cpu, 1.6 on tensorrt)."""
@@ -23,11 +23,15 @@ NEEDS_QAT = {"efficientnet_b0"}  # 2 epochs of 10,000 images: ~11 min a target o
 # v1's openvino form on OpenVINO (0.31; 0.22 with exact arithmetic: its stage-4 depthwise outputs are heavy-tailed
 # across images, see docs/int8.md)
 DROP, MISSES = 0.3, {("shufflenet_v1", "openvino"): 0.5}
+# The openvino form on three families (h-swish and squeeze-excite, channel shuffle, grouped 1x1 convs): each takes
+# ~35 s here, verified on OpenVINO too; all five post-training checkpoints measured in docs/int8.md
+OPENVINO = {"mobilenet_v3_small", "shufflenet_v2_x1_0", "shufflenet_v1"}
+CASES = [pytest.param(n, t, marks=[pytest.mark.slow] if n in NEEDS_QAT else [])
+         for n in MODELS for t in ("ort-cpu", "tensorrt", "openvino") if t != "openvino" or n in OPENVINO]  # fmt: skip
 pytestmark = pytest.mark.data
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt", "openvino"])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in NEEDS_QAT else n for n in MODELS])
+@pytest.mark.parametrize("name, target", CASES)
 def test_cifar10_int8_keeps_top1(cifar10, tmp_path, name, target):
     if target == "openvino":
         pytest.importorskip("openvino")
