@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -42,19 +43,23 @@ def _run(*args, check=True, timeout=900) -> subprocess.CompletedProcess:
     return done
 
 
+@contextmanager
 def _build_image(engine: str, tag: str, *args: str):
     start = time.monotonic()
     oci_drops_healthcheck = ["--format", "docker"] if Path(engine).name == "podman" else []
     _run(engine, "build", *oci_drops_healthcheck, *args, "-f", str(ROOT / "docker" / "Dockerfile.cpu"), "-t", tag,
          str(ROOT))  # fmt: skip
     print(f"image {tag} built in {time.monotonic() - start:.0f} s")
-    yield tag
-    _run(engine, "rmi", "-f", tag, check=False)
+    try:
+        yield tag
+    finally:
+        _run(engine, "rmi", "-f", tag, check=False)
 
 
 @pytest.fixture(scope="module")
 def image(engine) -> str:
-    yield from _build_image(engine, TAG)
+    with _build_image(engine, TAG) as tag:
+        yield tag
 
 
 def _readable(build: Path) -> Path:
@@ -70,6 +75,7 @@ def artifact(tmp_path_factory) -> Path:
     return _readable(small_build(tmp_path_factory.mktemp("image")))
 
 
+@contextmanager
 def _serve(engine: str, image: str, artifact: Path):
     port = free_port()
     name = f"edge-deploy-test-{os.getpid()}-{port}"
@@ -82,13 +88,16 @@ def _serve(engine: str, image: str, artifact: Path):
         _run(engine, "rm", "-f", name, check=False)
         pytest.fail(f"the container did not answer /healthz: {logs.stdout + logs.stderr}")
     print(f"container answered /healthz {time.monotonic() - start:.1f} s after `run`")
-    yield name, url
-    _run(engine, "rm", "-f", name, check=False)
+    try:
+        yield name, url
+    finally:
+        _run(engine, "rm", "-f", name, check=False)
 
 
 @pytest.fixture(scope="module")
 def server(engine, image, artifact):
-    yield from _serve(engine, image, artifact)
+    with _serve(engine, image, artifact) as running:
+        yield running
 
 
 def _predicts_like_deploy_run_outside(url: str, artifact: Path, photo: Path, capsys) -> None:
@@ -141,8 +150,8 @@ def test_the_openvino_variant_serves_a_build_made_for_openvino_there(engine, tmp
     spec = json.loads((artifact / "serving.json").read_text())
     # a 64 px model: the build may measure fp32 on ORT fastest; serve its int8 on OpenVINO as when it does not
     (artifact / "serving.json").write_text(json.dumps({**spec, "model": "model.int8.onnx", "runtime": "openvino-cpu"}))
-    for image in _build_image(engine, f"{TAG}-openvino", "--build-arg", "EXTRAS=serve,openvino"):
-        for _, url in _serve(engine, image, _readable(artifact)):
+    with _build_image(engine, f"{TAG}-openvino", "--build-arg", "EXTRAS=serve,openvino") as image:
+        with _serve(engine, image, _readable(artifact)) as (_, url):
             health = httpx.get(f"{url}/healthz").json()
             assert health["model"] == "model.int8.onnx" and health["runtime"].startswith("openvino-cpu")
             _predicts_like_deploy_run_outside(url, artifact, skimage_photos / "chelsea.png", capsys)
