@@ -11,7 +11,8 @@
 Each count is crossed with each method (minmax, percentile at each of --percentiles, entropy: onnxruntime's; mse:
 our range search, deploy/stages/int8/calibration.py) through deploy.stages.int8.quantize with the model's recipe
 otherwise unchanged, then (--bias-correction) deploy.stages.int8.bias_correction as the build does by default;
---adaround adds a row per method with deploy.stages.int8.adaround before the bias correction.
+--adaround adds a row per method with deploy.stages.int8.adaround before the bias correction; for --target
+tensorrt the activations are centred as the build does (deploy.stages.int8.center; --center off|both).
 Prints top-1 drop, top-1 agreement with fp32 and logit SQNR, with exact Q/DQ arithmetic (what TensorRT and
 VNNI/AMX CPUs compute) and on this CPU's ORT kernels, and the quantization time. With --split, exact arithmetic
 only, on two halves of the evaluation images (seeded shuffle, seed 0): split A to choose a default on, split B
@@ -20,6 +21,8 @@ to report it on."""
 from __future__ import annotations
 
 import argparse
+import itertools
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from deploy import data, metrics, models, recipe
 from deploy.evalset import EvalSet
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
 from deploy.stages import export_onnx, fold_bn
-from deploy.stages.int8 import quantize
+from deploy.stages.int8 import center, quantize
 from deploy.stages.int8.adaround import adaround as adaround_weights
 from deploy.stages.int8.bias_correction import correct_bias
 from deploy.stages.int8.equalize import equalize as equalize_graph
@@ -57,7 +60,7 @@ def _runs(methods: list[str], percentiles: list[float] | None) -> list[tuple[str
 
 
 def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: list[int], runs: list[tuple],
-          target: str, bias_correction: bool, adaround: bool, equalize: bool, split: bool,
+          target: str, bias_correction: bool, adaround: bool, equalize: bool, split: bool, centring: str,
           work: Path) -> list[dict]:  # fmt: skip
     model, _ = fold_bn.fold_batchnorm(models.build(r.model).eval())
     fp32 = work / f"{name}.onnx"
@@ -87,14 +90,23 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: l
             quantized = time.perf_counter() - start
             if info["calibration"]["method_used"] != method:  # the histogram methods' minmax fallback
                 used = f"{used} (ran {info['calibration']['method_used']})"
-            for ada in (True, False) if adaround else (False,):  # AdaRound first: it starts from the nearest model
-                out = nearest.with_suffix(".ada.onnx") if ada else nearest
+            forms = [("", fp32, nearest)] if target != "tensorrt" or centring != "on" else []
+            if target == "tensorrt" and centring != "off":  # the build's tensorrt form: activations centred (center.py)
+                prepared, centred = work / f"{name}-{n}-{used}.centred-fp32.onnx", nearest.with_suffix(".centred.onnx")
+                center.quantize_centred(fp32, centred, prepared, calib, cfg, work / f"cache-{name}-{n}-{used}",
+                                        info["calibration"]["method_used"])  # fmt: skip
+                forms.append((" centred", prepared, centred))
+            # AdaRound first: it starts from the nearest model
+            for (form, source, nearest), ada in itertools.product(forms, (True, False) if adaround else (False,)):
+                out = nearest.with_suffix(".ada.onnx") if ada else nearest.with_suffix(".out.onnx")
                 start = time.perf_counter() - quantized
                 if ada:
-                    adaround_weights(fp32, nearest, calib, out, cfg.adaround)
+                    adaround_weights(source, nearest, calib, out, cfg.adaround)
                 if bias_correction:  # what the build does by default (quantize.bias_correction)
-                    correct_bias(fp32, out, calib, out)
-                label = used + (" + AdaRound" if ada else "")
+                    correct_bias(source, out if ada else nearest, calib, out)
+                elif not ada:
+                    shutil.copy(nearest, out)
+                label = used + form + (" + AdaRound" if ada else "")
                 row = {"model": name, "images": len(calib), "method": label, "seconds": time.perf_counter() - start,
                        "fp32": fp32_top1}  # fmt: skip
                 for how, exact in (("exact", True),) if split else (("exact", True), ("kernels", False)):
@@ -121,6 +133,8 @@ def main() -> None:
     p.add_argument("--adaround", action="store_true", help="each method also with AdaRound (before bias correction)")
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization first (quantize.equalize)")
     p.add_argument("--split", action="store_true", help="report on two seeded halves of the val images, A and B")
+    p.add_argument("--center", choices=["on", "off", "both"], default="on",
+                   help="tensorrt: centred activations (quantize.center_activations, on in the build), or both forms")
     p.add_argument("--lite0-counts", default="64,128,200", help="'' skips EfficientNet-Lite0")
     p.add_argument("--cifar-counts", default="64,256,1024", help="'' skips CIFAR-10")
     p.add_argument("--cifar-test", type=int, default=2000)
@@ -130,7 +144,7 @@ def main() -> None:
     if args.cifar_counts and not args.cifar:
         p.error("--cifar DIR is needed unless --cifar-counts ''")
     runs = _runs(args.methods.split(","), [float(x) for x in args.percentiles.split(",")] if args.percentiles else None)
-    options = (args.target, args.bias_correction, args.adaround, args.equalize, args.split)
+    options = (args.target, args.bias_correction, args.adaround, args.equalize, args.split, args.center)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -151,7 +165,8 @@ def main() -> None:
     cols = {"A": "split A (tune)", "B": "split B (report)"} if args.split else {"exact": "exact", "kernels": "kernels"}
     print(
         f"\ntarget {args.target}; bias correction {'on' if args.bias_correction else 'off'}; AdaRound rows: "
-        f"{'yes' if args.adaround else 'no'}; equalization {'on' if args.equalize else 'off'}; "
+        f"{'yes' if args.adaround else 'no'}; equalization {'on' if args.equalize else 'off'}; centred activations "
+        f"(tensorrt): {args.center}; "
         f"exact int8 kernels on this CPU (VNNI/AMX): {exact_int8_kernels()}"
     )
     if args.split:

@@ -260,6 +260,11 @@ def _int8_steps(r: dict) -> list[str]:
         lines.append("- Depthwise channels zero-padded to a multiple of 16 for ORT's int8 kernels: "
                      + ", ".join(f"`{n}` -> {c}" for n, c in pad["convs"].items())
                      + f"; fp32 logits changed by {pad['max_abs_logit_diff']:.1e}.")  # fmt: skip
+    if (ce := r.get("center_activations")) and ce["activations"]:
+        lines.append(f"- Centred activations (symmetric int8 over the whole range): {ce['activations']} of "
+                     f"{ce['candidates']} ReLU/ReLU6 outputs read only by unpadded convs or Gemms, shifted by "
+                     f"{ce['shift']['min']:.3g}-{ce['shift']['max']:.3g}; fp32 logits changed by "
+                     f"{ce['max_abs_logit_diff']:.1e}.")  # fmt: skip
     if ar := r.get("adaround"):
         ratio = ar["error_ratio"] and f", output error {ar['error_ratio']['median']:.2f}x nearest rounding's (median)"
         lines.append(f"- AdaRound: {ar['layers']} layers on {ar['images']} calibration images, {ar['iterations']} "

@@ -327,7 +327,10 @@ def test_latency_search_times_its_candidates_on_the_device(sshd, monkeypatch):
     model = models.architecture(recipe.load("mobilenet_v3_small").model).eval()
     images = np.random.default_rng(1).standard_normal((64, 3, 64, 64)).astype(np.float32)
     device = DeviceConfig(url=sshd.url, python=sys.executable, ssh_config=str(sshd.config("latency")), timeout=120)
-    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, protect=["features.[1-9].*"], latency_on=device)
+    # steps of half a group's channels: savings well above the timing noise of a loaded machine (with the default
+    # quarter, a busy CI machine once found no candidate that saved measurably more than the noise)
+    cfg = PruneConfig(enabled=True, mode="latency", latency_budget=0.9, latency_step=0.5, protect=["features.[1-9].*"],
+                      latency_on=device)  # fmt: skip
     pruned, rec = prune(model, cfg, 64, images)
     assert rec["latency_measured"].startswith("onnxruntime-cpu on 127.0.0.1: batch 1, 1 thread")
     assert rec["device"]["cpu_count"] == os.cpu_count() and rec["latency_after_ms"] <= 0.9 * rec["latency_before_ms"]

@@ -28,6 +28,7 @@ from scipy.stats import trim_mean
 from ...console import track
 from ...core.context import Build
 from ...errors import DeployError
+from . import center
 
 DQ = "DequantizeLinear"
 # calibration images used (their activations are held in memory one layer at a time: about 1 GB for
@@ -116,6 +117,7 @@ def quantized_layers(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[li
     fp32_inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
     # by node name: onnxruntime drops a ReLU/ReLU6 after a Conv (its Q clips) and gives the Conv its output name
     fp32_nodes = {n.name: n for n in fp32.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2 and n.name}
+    centred = center.int8_bias(qmodel, fp32)  # readers of centred activations: their int8 bias is not fp32's
     layers, skipped = [], {}
 
     def skip(reason: str) -> None:
@@ -142,6 +144,7 @@ def quantized_layers(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[li
             continue
         ref_node = fp32_nodes.get(node.name)
         ref = fp32_inits.get(ref_node.input[2]) if ref_node is not None else None
+        ref = centred[node.name][1] if node.name in centred else ref
         # a bias changed after quantization (the h-sigmoid folded into the SE conv, qdq_placement.py) no
         # longer compares with the fp32 output: leave it alone (an int32 bias is within one step of it)
         tolerance, as_float = (0.0, bias) if scale is None else (scale, bias * scale)

@@ -207,7 +207,7 @@ class QAT:
         if b.options.train is None:
             raise DeployError("quantize.qat: on needs training images: pass --train DIR")
         before, ptq_source = dict(b.evaluate()), b.source
-        ptq_keys = ("quantize", "adaround", "bias_correction", "pad_depthwise")
+        ptq_keys = ("quantize", "center_activations", "adaround", "bias_correction", "pad_depthwise")
         ptq_report = {k: b.report[k] for k in ptq_keys if k in b.report}
         with tempfile.TemporaryDirectory(dir=b.workdir) as keep:
             kept = {p: Path(keep, p.name) for p in (b.int8_onnx, b.workdir / PREPARED) if p.is_file()}

@@ -31,9 +31,9 @@ import onnx
 
 from ...console import track, warn
 from ...errors import DeployError
-from ...core.context import Build
+from ...core.context import PREPARED, Build
 from ...recipe import QuantizeConfig
-from . import qdq_placement
+from . import center, check_prepared, qdq_placement
 
 CALIB_BATCH = 8
 # tensorrt placement (conv_inputs_only): Q/DQ on the inputs of these ops and of Add (so both inputs of a residual
@@ -208,6 +208,7 @@ def quantize(
     if cfg.target == "ort-cpu":
         rewrites = qdq_placement.rewrite_hard_activations(qmodel) if cfg.int8_hard_activations else {}
         float_inputs = qdq_placement.float_inputs(qmodel, excluded + stem)
+    if cfg.target == "ort-cpu" or center.compensate(qmodel, model):  # a centred model's readers: center.py
         onnx.save(qmodel, str(out))
     ops = Counter(n.op_type for n in qmodel.graph.node)
     return {
@@ -242,11 +243,30 @@ class Quantize:
         b.report["quantize"] = quantize(b.source, b.int8_onnx, b.calibration.calib.inputs, q,
                                         b.workdir / "calibration-cache", previous)  # fmt: skip
         b.report["quantize"]["source"] = b.source.name
+        notes = f"{q.target}, {q.calibration.method}"
+        if b.report["quantize"]["calibration"]["cache_reused"]:
+            notes += ", cached ranges reused"
+        if q.target == "tensorrt" and q.center_activations and q.conv_inputs_only:
+            notes += _center(b)
         b.int8_changed()
         if q.target == "tensorrt":
             _check_for_tensorrt(b)
-        reused = b.report["quantize"]["calibration"]["cache_reused"]
-        return f"{q.target}, {q.calibration.method}" + (", cached ranges reused" if reused else "")
+        return notes
+
+
+def _center(b: Build) -> str:
+    """The tensorrt form with its activations centred (center.py): b.source becomes the centred fp32 model."""
+    prepared = b.workdir / PREPARED
+    tmp = prepared.with_suffix(".tmp")  # the source may be `prepared` (equalized, or from QAT)
+    record = b.report["center_activations"] = center.quantize_centred(
+        b.source, b.int8_onnx, tmp, b.calibration.calib.inputs, b.recipe.quantize, b.workdir / "calibration-cache",
+        b.report["quantize"]["calibration"]["method_used"])  # fmt: skip
+    if record["activations"]:
+        record["max_abs_logit_diff"] = check_prepared(b, b.source, tmp)
+        tmp.replace(prepared)
+        b.source = prepared
+        b.report["quantize"]["source"] = prepared.name
+    return f", {record['activations']} activations centred"
 
 
 def _check_for_tensorrt(b: Build) -> None:
