@@ -35,7 +35,7 @@ from deploy import data, metrics, models, recipe
 from deploy.evalset import EvalSet
 from deploy.runtimes.ort import OrtCpu, exact_int8_kernels
 from deploy.stages import export_onnx, fold_bn
-from deploy.stages.int8 import center, quantize
+from deploy.stages.int8 import quantize
 from deploy.stages.int8.adaround import adaround as adaround_weights
 from deploy.stages.int8.bias_correction import correct_bias
 from deploy.stages.int8.equalize import equalize as equalize_graph
@@ -93,8 +93,8 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: l
             forms = [("", fp32, nearest)] if target != "tensorrt" or centring != "on" else []
             if target == "tensorrt" and centring != "off":  # the build's tensorrt form: activations centred (center.py)
                 prepared, centred = work / f"{name}-{n}-{used}.centred-fp32.onnx", nearest.with_suffix(".centred.onnx")
-                center.quantize_centred(fp32, centred, prepared, calib, cfg, work / f"cache-{name}-{n}-{used}",
-                                        info["calibration"]["method_used"])  # fmt: skip
+                quantize.quantize_centred(fp32, centred, prepared, calib, cfg, work / f"cache-{name}-{n}-{used}",
+                                          info["calibration"]["method_used"])  # fmt: skip
                 forms.append((" centred", prepared, centred))
             # AdaRound first: it starts from the nearest model
             for (form, source, nearest), ada in itertools.product(forms, (True, False) if adaround else (False,)):

@@ -23,16 +23,13 @@ the readers' errors as those of the uncentred activations (offsets()).
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ...onnx_graph import Graph, attr, drop_unused
-from ...recipe import QuantizeConfig
 
 # between the activation and its readers: ops through which y - c stays (y - c) elementwise
 PASS_THROUGH = {"GlobalAveragePool", "Flatten"}
@@ -48,10 +45,8 @@ class _Site:
 
 
 def _bias(gr: Graph, node: onnx.NodeProto) -> np.ndarray | None:
-    """The node's own float bias (an initializer no other node reads), or None."""
-    if len(node.input) < 3 or node.input[2] not in gr.inits or len(gr.consumers.get(node.input[2], [])) != 1:
-        return None
-    return gr.const(node.input[2])
+    """The node's constant bias (the exporter may share one between nodes: _set gives each its own), or None."""
+    return gr.const(node.input[2]) if len(node.input) > 2 and node.input[2] in gr.inits else None
 
 
 def _reader_ok(gr: Graph, node: onnx.NodeProto, tensor: str) -> bool:
@@ -159,32 +154,20 @@ def compensate(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> int:
     return len(biases)
 
 
-def quantize_centred(fp32: Path, out: Path, prepared: Path, calib: np.ndarray, cfg: QuantizeConfig, cache_dir: Path,
-                     method: str) -> dict:  # fmt: skip
-    """After quantize() wrote `out` from `fp32`, with its ranges cached in `cache_dir` by `method`: write the
-    centred `fp32` to `prepared` and re-quantize `out` from it with the shifted ranges. Returns the record; when
-    no activation can be centred nothing is written ("activations": 0)."""
-    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
-
-    from . import quantize  # which imports this module
-
-    ranges = load_tensors_data(cache_dir / f"ranges-{quantize.cache_key(fp32, calib, cfg)}-{method}.json")
-    model = onnx.load(str(fp32))
+def center_ranges(model: onnx.ModelProto, ranges: dict) -> dict:
+    """Centre `model` in place from the calibrated `ranges` (onnxruntime's TensorsData values, `range_value`) and
+    shift those ranges to match: each centred tensor gets [-c, c], the tensors before it on its chain move by -c.
+    Returns the record ("activations": how many were centred, "candidates", "shift")."""
     found = sites(model)
     shifts = center(model, {k: float(np.abs(v.range_value).max()) for k, v in ranges.items()})
     record = {"activations": len(shifts), "candidates": len(found)}
-    if not shifts:
-        return record
-    onnx.save(model, str(prepared))
     for s in found:
         c = shifts.get(s.tensors[-1])
-        for t in [t for t in s.tensors if c and t in ranges]:  # the quantized tensor: [-c, c]; the others move by -c
+        for t in [t for t in s.tensors if c and t in ranges]:
             lo, hi = ranges[t].range_value
             ranges[t].lowest, ranges[t].highest = (np.float32(-c), np.float32(c)) if t == s.tensors[-1] else \
                 (np.float32(lo - c), np.float32(hi - c))  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        save_tensors_data(ranges, Path(tmp) / f"ranges-{quantize.cache_key(prepared, calib, cfg)}-{method}.json")
-        quantize.quantize(prepared, out, calib, cfg, cache_dir, Path(tmp))
-    c = np.array(list(shifts.values()))
-    record["shift"] = {"min": float(c.min()), "median": float(np.median(c)), "max": float(c.max())}
+    if shifts:
+        c = np.array(list(shifts.values()))
+        record["shift"] = {"min": float(c.min()), "median": float(np.median(c)), "max": float(c.max())}
     return record

@@ -227,6 +227,24 @@ def quantize(
     }
 
 
+def quantize_centred(fp32: Path, out: Path, prepared: Path, calib: np.ndarray, cfg: QuantizeConfig, cache_dir: Path,
+                     method: str) -> dict:  # fmt: skip
+    """After quantize() wrote `out` from `fp32`, with its ranges cached in `cache_dir` by `method`: write the
+    centred `fp32` to `prepared` (center.py) and re-quantize `out` from it with the shifted ranges, without
+    calibrating again. Returns center.center_ranges' record; when nothing can be centred nothing is written."""
+    from onnxruntime.quantization.calibrate import load_tensors_data, save_tensors_data
+
+    ranges = load_tensors_data(cache_dir / f"ranges-{cache_key(fp32, calib, cfg)}-{method}.json")
+    model = onnx.load(str(fp32))
+    record = center.center_ranges(model, ranges)
+    if record["activations"]:
+        onnx.save(model, str(prepared))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_tensors_data(ranges, Path(tmp) / f"ranges-{cache_key(prepared, calib, cfg)}-{method}.json")
+            quantize(prepared, out, calib, cfg, cache_dir, Path(tmp))
+    return record
+
+
 class Quantize:
     """Post-training quantization of `Build.source` into model.int8.onnx; for the tensorrt target the result is
     checked against TensorRT's operator table and Q/DQ rules (errors fail the build, lost fusions warn)."""
@@ -258,7 +276,7 @@ def _center(b: Build) -> str:
     """The tensorrt form with its activations centred (center.py): b.source becomes the centred fp32 model."""
     prepared = b.workdir / PREPARED
     tmp = prepared.with_suffix(".tmp")  # the source may be `prepared` (equalized, or from QAT)
-    record = b.report["center_activations"] = center.quantize_centred(
+    record = b.report["center_activations"] = quantize_centred(
         b.source, b.int8_onnx, tmp, b.calibration.calib.inputs, b.recipe.quantize, b.workdir / "calibration-cache",
         b.report["quantize"]["calibration"]["method_used"])  # fmt: skip
     if record["activations"]:

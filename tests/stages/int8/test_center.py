@@ -17,7 +17,7 @@ from deploy.stages.fold_bn import fold_batchnorm
 from deploy.stages.int8 import center
 from deploy.stages.int8.adaround import adaround
 from deploy.stages.int8.bias_correction import correct_bias
-from deploy.stages.int8.quantize import quantize
+from deploy.stages.int8.quantize import quantize, quantize_centred
 
 
 class Net(nn.Module):
@@ -87,6 +87,24 @@ def test_centring_keeps_the_function_and_the_node_types(net):
     assert sorted(map(sorted, bounds.values())) == [[-2.5], [-2.5, 3.5], [-2.5, 3.5], [0.0, 6.0]]
 
 
+@pytest.mark.parametrize("name, count", [("mobilenet_v2", 18), ("mobilenet_v3_small", 11), ("mobilenet_v1", 14)])
+def test_registered_families_keep_their_function(tmp_path, name, count):
+    """Random weights: BatchNorm folds into equal biases that the exporter shares between convs; each centred conv
+    gets its own."""
+    from deploy import models
+
+    torch.manual_seed(0)
+    model, _ = fold_batchnorm(models.build(recipe.override(recipe.load(name), {"model.weights": "random"}).model).eval())
+    path = tmp_path / "m.onnx"
+    export(model, path, recipe.ExportConfig(), 64)
+    m = onnx.load(str(path))
+    shifts = center.center(m, {s.tensors[-1]: 4.0 for s in center.sites(m)})
+    assert len(shifts) == count
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    ref, got = OrtCpu(path).infer(x), OrtCpu(m.SerializeToString()).infer(x)
+    assert np.abs(got - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)  # the build's check (check_prepared)
+
+
 def test_an_activation_without_a_range_is_left_alone(net):
     model = onnx.load(str(net[0]))
     assert center.center(model, {}) == {}
@@ -98,7 +116,7 @@ def test_the_centred_tensorrt_form_has_half_the_scale_and_is_closer_to_fp32(net,
     cfg = recipe.QuantizeConfig(enabled=True, target="tensorrt")
     plain, prepared, centred = tmp_path / "plain.onnx", tmp_path / "prepared.onnx", tmp_path / "centred.onnx"
     quantize(path, plain, x, cfg, tmp_path / "cache", None)
-    record = center.quantize_centred(path, centred, prepared, x, cfg, tmp_path / "cache", "percentile")
+    record = quantize_centred(path, centred, prepared, x, cfg, tmp_path / "cache", "percentile")
     assert record["activations"] == 3 and record["candidates"] == 3
     scales = {}
     for name, m in (("plain", plain), ("centred", centred)):
@@ -147,7 +165,7 @@ def test_lite0_tensorrt_form_gains_from_centring(imagenet_sample, tmp_path):
     cfg = recipe.override(r, {"quantize.enabled": True, "quantize.target": "tensorrt"}).quantize
     plain, centred, prepared = tmp_path / "plain.onnx", tmp_path / "centred.onnx", tmp_path / "prepared.onnx"
     quantize(path, plain, calib, cfg, tmp_path / "cache", None)
-    record = center.quantize_centred(path, centred, prepared, calib, cfg, tmp_path / "cache", "percentile")
+    record = quantize_centred(path, centred, prepared, calib, cfg, tmp_path / "cache", "percentile")
     assert record["activations"] == 17  # 16 projections and the classifier's input
     correct_bias(path, plain, calib, plain)
     correct_bias(prepared, centred, calib, centred)
