@@ -34,6 +34,7 @@ from ...errors import DeployError
 from ...core.context import PREPARED, Build
 from ...recipe import QuantizeConfig
 from . import center, check_prepared, qdq_placement
+from .histogram import fast_histograms
 
 CALIB_BATCH = 8
 # tensorrt placement (conv_inputs_only): Q/DQ on the inputs of these ops and of Add (so both inputs of a residual
@@ -164,7 +165,7 @@ def quantize(
 
             with _quiet_ort():
                 write_ranges(Path(source), _reader(calib, model.graph.input[0].name), op_types, symmetric_activations, cache)
-        with _quiet_ort():
+        with _quiet_ort(), fast_histograms():
             quantize_static(
                 source,
                 str(out),
