@@ -151,8 +151,10 @@ def test_the_centred_tensorrt_form_has_half_the_scale_and_is_closer_to_fp32(net,
 
 @pytest.mark.data
 def test_lite0_tensorrt_form_gains_from_centring(imagenet_sample, tmp_path):
-    """EfficientNet-Lite0 (real weights), with bias correction as the build does: every projection and the classifier
-    input centred, logit SQNR up on 200 validation photos (+1.2 dB on 800 with 200 calibration images, docs/int8.md)."""
+    """EfficientNet-Lite0 (real weights): every projection and the classifier input centred, logit SQNR up on 200
+    validation photos. Compared without bias correction, which moves the figures by up to 3 dB when the ranges
+    change by 1% (docs/int8.md): centring's own gain is small (+0.1 to +0.3 dB on 800 photos at every range scale
+    measured) but steady; with bias correction +0.8 dB on average."""
     from deploy import models
 
     r = recipe.load("efficientnet_lite0")
@@ -167,10 +169,8 @@ def test_lite0_tensorrt_form_gains_from_centring(imagenet_sample, tmp_path):
     quantize(path, plain, calib, cfg, tmp_path / "cache", None)
     record = quantize_centred(path, centred, prepared, calib, cfg, tmp_path / "cache", "percentile")
     assert record["activations"] == 17  # 16 projections and the classifier's input
-    correct_bias(path, plain, calib, plain)
-    correct_bias(prepared, centred, calib, centred)
     ref = metrics.logits(OrtCpu(path), val, 64, "fp32")
     got = {k: metrics.logits(OrtCpu(m, reference=True), val, 64, k) for k, m in (("plain", plain), ("centred", centred))}
     sqnr = {k: metrics.compare(ref, v, val.labels)["sqnr_db"] for k, v in got.items()}
     print(sqnr)
-    assert sqnr["centred"] > sqnr["plain"] + 0.5, sqnr
+    assert sqnr["centred"] > sqnr["plain"], sqnr
