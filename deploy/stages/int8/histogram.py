@@ -30,7 +30,7 @@ def histogram(a, bins=10, *args, **kwargs):
     scale = n / (float(edges[-1]) - float(edges[0]))
     if np.abs((edges.astype(np.float64) - float(edges[0])) * scale - np.arange(n + 1)).max() > EVEN:
         return np.histogram(a, bins)
-    # each value's estimated bin is then at most one off (float32 error: < 0.01 of a bin below MAX_BINS), and one
+    # each value's estimated bin is then at most one off (float32 error: < 0.2 of a bin up to MAX_BINS), and one
     # comparison with each of its edges puts it where numpy would: bins [e_k, e_k+1), the last one closed
     inside = bool(x.size) and x.min() >= edges[0] and x.max() <= edges[-1]  # False with a NaN
     scale = np.float32(scale) if x.dtype == np.float32 else scale
