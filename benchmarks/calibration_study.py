@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -98,14 +97,12 @@ def study(name: str, r: recipe.Recipe, calib_root: Path, val: EvalSet, counts: l
                 forms.append((" centred", prepared, centred))
             # AdaRound first: it starts from the nearest model
             for (form, source, nearest), ada in itertools.product(forms, (True, False) if adaround else (False,)):
-                out = nearest.with_suffix(".ada.onnx") if ada else nearest.with_suffix(".out.onnx")
+                out = nearest.with_suffix(".ada.onnx") if ada else nearest
                 start = time.perf_counter() - quantized
                 if ada:
                     adaround_weights(source, nearest, calib, out, cfg.adaround)
                 if bias_correction:  # what the build does by default (quantize.bias_correction)
-                    correct_bias(source, out if ada else nearest, calib, out)
-                elif not ada:
-                    shutil.copy(nearest, out)
+                    correct_bias(source, out, calib, out)
                 label = used + form + (" + AdaRound" if ada else "")
                 row = {"model": name, "images": len(calib), "method": label, "seconds": time.perf_counter() - start,
                        "fp32": fp32_top1}  # fmt: skip

@@ -131,12 +131,13 @@ def int8_bias(qmodel: onnx.ModelProto, fp32: onnx.ModelProto) -> dict[str, tuple
     if not shift:
         return {}
     q, f = Graph(qmodel), Graph(fp32)
+    refs = {n.name: n for n in fp32.graph.node if n.name in shift}
     out = {}
     for node in qmodel.graph.node:
         dq = q.producer.get(node.input[1]) if node.name in shift and len(node.input) > 2 else None
         if dq is None or dq.op_type != "DequantizeLinear" or node.input[2] not in q.inits:
             continue
-        ref = next(n for n in fp32.graph.node if n.name == node.name)
+        ref = refs[node.name]
         w, scale, axis = q.const(dq.input[0]), q.const(dq.input[1]), attr(dq, "axis", 1)
         if scale.ndim:
             scale = scale.reshape([-1 if d == axis else 1 for d in range(w.ndim)])

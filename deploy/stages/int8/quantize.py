@@ -209,7 +209,8 @@ def quantize(
     if cfg.target == "ort-cpu":
         rewrites = qdq_placement.rewrite_hard_activations(qmodel) if cfg.int8_hard_activations else {}
         float_inputs = qdq_placement.float_inputs(qmodel, excluded + stem)
-    if cfg.target == "ort-cpu" or center.compensate(qmodel, model):  # a centred model's readers: center.py
+    compensated = center.compensate(qmodel, model)  # the readers of a centred model's activations: center.py
+    if cfg.target == "ort-cpu" or compensated:
         onnx.save(qmodel, str(out))
     ops = Counter(n.op_type for n in qmodel.graph.node)
     return {
